@@ -1,0 +1,1 @@
+"""Observation schemas, synthetic generators, bundled real datasets."""

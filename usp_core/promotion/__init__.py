@@ -1,0 +1,1 @@
+"""Champion/challenger promotion: the statistical gate and the model registry."""

@@ -1,0 +1,1 @@
+"""Meta-optimisation: search spaces, Optuna campaigns, checkpoints, reports, MLflow tracking."""

@@ -1,0 +1,1 @@
+"""Dagster definitions of the USP pipeline (no model logic: everything calls usp_core)."""
