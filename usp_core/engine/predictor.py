@@ -1,0 +1,188 @@
+"""``Predictor``: the public face of the engine (SPEC §3.1, §3.10).
+
+The jitted functions live at module level and take the :class:`StaticConfig` as a static argument, so a
+compilation is shared by every predictor with the same static key and shape; dynamic parameters are traced
+leaves, so changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from usp_core.config import PredictorConfig
+from usp_core.engine import step as step_mod
+from usp_core.engine.state import PredictorOutput, PredictorState, StepOutput
+
+_init_jit = jax.jit(step_mod.init_state, static_argnames=("static",))
+_step_jit = jax.jit(step_mod.step, static_argnames=("static",))
+_step_batch_jit = jax.jit(jax.vmap(step_mod.step, in_axes=(0, 0, 0, 0, None, None)), static_argnames=("static",))
+_init_batch_jit = jax.jit(jax.vmap(step_mod.init_state, in_axes=(0, 0, None, None, None)), static_argnames=("static",))
+_run_jit = jax.jit(step_mod.run_panel, static_argnames=("static",))
+_run_trials_jit = jax.jit(step_mod.run_trials, static_argnames=("static",))
+
+_T_BUCKET = 256
+
+
+def compile_counts() -> dict[str, int]:
+    """Number of compiled variants of each jitted entry point (tests assert on these)."""
+    fns = {"init": _init_jit, "step": _step_jit, "step_batch": _step_batch_jit, "init_batch": _init_batch_jit,
+           "run": _run_jit, "run_trials": _run_trials_jit}
+    return {name: fn._cache_size() for name, fn in fns.items()}
+
+
+def enable_compile_cache(cfg: PredictorConfig, root: str | os.PathLike[str] | None = None) -> None:
+    """Turn on JAX's persistent compilation cache at ``core.compile_cache_dir`` (relative to ``root``)."""
+    target = cfg["core.compile_cache_dir"]
+    if not target or jax.config.jax_compilation_cache_dir:
+        return
+    path = Path(target)
+    if not path.is_absolute():
+        path = Path(root or os.environ.get("USP_ROOT", Path.cwd())) / path
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _bucket(length: int, quantum: int) -> int:
+    return length if length <= quantum else -(-length // quantum) * quantum
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class Predictor:
+    """Causal, regime-aware probabilistic one-step-ahead predictor for one or many series."""
+
+    def __init__(self, cfg: PredictorConfig, *, compile_cache: bool = True):
+        self.cfg = cfg
+        self.static = cfg.static
+        self.dtype = jnp.dtype(cfg["core.dtype"])
+        self.params = cfg.dynamic_params(self.dtype)
+        self.key = jax.random.PRNGKey(cfg["core.seed"])
+        if compile_cache:
+            enable_compile_cache(cfg)
+
+    @property
+    def min_history(self) -> int:
+        return self.static.base_min_signal_length
+
+    # -- single series, online ---------------------------------------------------------------------------
+    def init(self, history, *, timestamp_ns: int | None = None) -> PredictorState:
+        history = jnp.asarray(history, self.dtype)
+        if history.ndim != 1 or history.shape[0] < self.min_history:
+            raise ValueError(f"init needs a 1-D history of at least {self.min_history} values, got shape {history.shape}")
+        ts = history.shape[0] - 1 if timestamp_ns is None else timestamp_ns
+        state, _ = _init_jit(history, jnp.asarray(ts, jnp.int64), self.key, self.static, self.params)
+        return state
+
+    def init_output(self, history, *, timestamp_ns: int | None = None) -> tuple[PredictorState, StepOutput]:
+        """Like :meth:`init`, also returning the output (forecast of the next value) at that moment."""
+        history = jnp.asarray(history, self.dtype)
+        ts = history.shape[0] - 1 if timestamp_ns is None else timestamp_ns
+        return _init_jit(history, jnp.asarray(ts, jnp.int64), self.key, self.static, self.params)
+
+    def step(self, state: PredictorState, value, timestamp_ns: int | None = None,
+             now_ns: int | None = None) -> tuple[StepOutput, PredictorState]:
+        """Consume one observation; ``res.prediction`` forecasts the next one. Default timestamps: one
+        tick after the last accepted observation, observed immediately (never stale)."""
+        ts = state.last_timestamp_ns + 1 if timestamp_ns is None else jnp.asarray(timestamp_ns, jnp.int64)
+        now = ts if now_ns is None else jnp.asarray(now_ns, jnp.int64)
+        state, out = _step_jit(state, jnp.asarray(value, self.dtype), ts, now, self.static, self.params)
+        return out, state
+
+    # -- many series, online (inference job) -------------------------------------------------------------
+    def init_batch(self, histories, timestamps_ns) -> tuple[PredictorState, StepOutput]:
+        """States for B series from equal-length histories (B, m) whose last values were observed at
+        ``timestamps_ns`` (B,)."""
+        histories = jnp.asarray(histories, self.dtype)
+        return _init_batch_jit(histories, jnp.asarray(timestamps_ns, jnp.int64), self.key, self.static, self.params)
+
+    def step_batch(self, states: PredictorState, values, timestamps_ns, now_ns) -> tuple[StepOutput, PredictorState]:
+        """One step of B series at once (states stacked along a leading axis)."""
+        new_states, out = _step_batch_jit(states, jnp.asarray(values, self.dtype), jnp.asarray(timestamps_ns, jnp.int64),
+                                          jnp.asarray(now_ns, jnp.int64), self.static, self.params)
+        return out, new_states
+
+    # -- whole series, compiled once (scan over time, vmap over series) -----------------------------------
+    def _prepare(self, values, timestamps_ns, now_ns, bucket: bool):
+        arr = np.asarray(values, dtype=self.dtype)
+        single = arr.ndim == 1
+        if single:
+            arr = arr[None, :]
+        if arr.ndim != 2:
+            raise ValueError(f"values must have shape (T,) or (B, T), got {arr.shape}")
+        b, t = arr.shape
+        if t < self.min_history:
+            raise ValueError(f"run needs at least {self.min_history} time steps (min_history), got {t}")
+        if timestamps_ns is None:
+            ts = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t))
+        else:
+            ts = np.broadcast_to(np.asarray(timestamps_ns, dtype=np.int64), (b, t))
+        now = ts if now_ns is None else np.broadcast_to(np.asarray(now_ns, dtype=np.int64), (b, t))
+        tb, bb = (_bucket(t, _T_BUCKET), _next_pow2(b)) if bucket else (t, b)
+        devices = jax.local_device_count()
+        if bucket and devices > 1:
+            bb = -(-bb // devices) * devices
+        if (tb, bb) != (t, b):
+            # Padding steps are NaN (rejected, state untouched) and padding series repeat the first one;
+            # both are sliced off, so buckets only save compilations.
+            arr = np.concatenate([arr, np.full((b, tb - t), np.nan, arr.dtype)], axis=1)
+            last = ts[:, -1:]
+            ts = np.concatenate([ts, last + 1 + np.arange(tb - t)], axis=1)
+            now = np.concatenate([now, now[:, -1:] + 1 + np.arange(tb - t)], axis=1)
+            arr, ts, now = (np.concatenate([x, np.repeat(x[:1], bb - b, axis=0)]) for x in (arr, ts, now))
+        arrays = [jnp.asarray(x) for x in (arr, ts, now)]
+        if devices > 1 and bb % devices == 0:
+            mesh = jax.make_mesh((devices,), ("series",))
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("series"))
+            arrays = [jax.device_put(x, sharding) for x in arrays]
+        return arrays, single, b, t
+
+    @staticmethod
+    def _finish(out: StepOutput, single: bool, b: int, t: int, lead: tuple = ()) -> PredictorOutput:
+        idx = (*[slice(None)] * len(lead), slice(0, b), slice(0, t))
+        out = jax.tree.map(lambda x: np.asarray(x[idx]), out)
+        if single:
+            out = jax.tree.map(lambda x: x[(*[slice(None)] * len(lead), 0)], out)
+        return out
+
+    def run(self, values, timestamps_ns=None, *, now_ns=None, bucket: bool = True) -> PredictorOutput:
+        """Run whole series causally: ``values`` (T,) or (B, T) -> outputs with the same leading axes, where
+        ``out.prediction[..., t]`` forecasts ``values[..., t + 1]`` (NaN before ``min_history - 1``)."""
+        (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
+        out = _run_jit(arr, ts, now, self.key, self.static, self.params)
+        return self._finish(out, single, b, t)
+
+    def run_trials(self, values, params_batch: dict[str, Any], timestamps_ns=None, *, now_ns=None,
+                   bucket: bool = True) -> PredictorOutput:
+        """Evaluate K parameter sets that share this predictor's static key in ONE compiled call.
+
+        ``params_batch`` maps each dynamic parameter to an array with a leading K axis (see
+        :func:`stack_params`); outputs have leading axes (K, B, T) (or (K, T) for a single series).
+        """
+        (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
+        missing = set(self.params) - set(params_batch)
+        if missing:
+            raise ValueError(f"params_batch lacks dynamic parameters: {sorted(missing)}")
+        batch = {k: jnp.asarray(params_batch[k], self.params[k].dtype) for k in self.params}
+        out = _run_trials_jit(arr, ts, now, self.key, self.static, batch)
+        return self._finish(out, single, b, t, lead=(0,))
+
+
+def stack_params(configs: list[PredictorConfig]) -> dict[str, Array]:
+    """Stack the dynamic parameters of configs sharing one static key along a new leading axis."""
+    if not configs:
+        raise ValueError("stack_params needs at least one config")
+    static = configs[0].static
+    if any(c.static != static for c in configs):
+        raise ValueError("configs in one batch must share the same static key")
+    dicts = [c.dynamic_params() for c in configs]
+    return {k: jnp.stack([d[k] for d in dicts]) for k in dicts[0]}
