@@ -1,22 +1,128 @@
-"""PLACEHOLDER: replaced by the real kernel (issue 3). Last-value forecast with increment-std sigma."""
+"""Kernel A: RKHS kernel ridge forecast with a WTMM Hoelder diagnostic (SPEC §3.4 A).
+
+Forecast: the z-scored window is delay-embedded (x_i = z[i : i + d], target z[i + d]); a Gaussian kernel
+with the median-heuristic bandwidth times ``kernel_a_bandwidth`` gives a kernel ridge / GP regression
+whose noise-to-signal ratio is estimated from the data: starting from s = lambda + 1, each of
+``kernel_a_noise_iterations`` refits sets s = lambda + sigma_n^2 with the degrees-of-freedom-corrected
+in-sample residual variance sigma_n^2 = RSS / (m - tr H) (a tiny ``kernel_ridge_lambda`` therefore cannot
+interpolate the noise). sigma^2 = GP posterior variance of the regression function + sigma_n^2.
+
+Metadata ``holder_exponent``: WTMM estimate (usp_core.kernels.wtmm) on a history buffer of length
+max(n, ``wtmm_buffer_size``) carried in the state together with its number of filled entries.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jaxtyping import Array, Float, Int
 
 from usp_core.kernels.contract import ForecastKernel, KernelResult, to_data_units, zscore
+from usp_core.kernels.wtmm import holder_exponent
 
 METADATA_KEYS: tuple[str, ...] = ("holder_exponent",)
 
+INITIAL_NOISE_RATIO = 1.0
+"""Noise-to-signal ratio of the first fit: z-scored data have unit variance, so noise cannot exceed ~1."""
 
-def init_carry(past, static, params, key):
-    return jnp.zeros(())
+
+class RidgeCarry(NamedTuple):
+    history: Float[Array, " L"]
+    """Right-aligned history (newest last) for the WTMM; the first L - n_valid entries are unfilled."""
+    n_valid: Int[Array, ""]
 
 
-def forecast(window, carry, key, static, params) -> KernelResult:
-    z, loc, scale = zscore(window, params["numerical_epsilon"])
-    pred, sigma = to_data_units(z[-1], jnp.std(jnp.diff(z)) + 1e-3, loc, scale, params["numerical_epsilon"])
-    return KernelResult(pred, sigma, {k: jnp.full((), 0.5 if k == "holder_exponent" else 0.0) for k in METADATA_KEYS}, carry)
+def history_length(static) -> int:
+    return max(static.base_min_signal_length, static.wtmm_buffer_size)
+
+
+def delay_embed(z: Float[Array, " n"], dim: int) -> tuple[Float[Array, "m d"], Float[Array, " m"], Float[Array, " d"]]:
+    """Training inputs z[i : i + dim], targets z[i + dim] (m = n - dim pairs) and the query z[n - dim :]."""
+    n = z.shape[0]
+    m = n - dim
+    idx = jnp.arange(m)[:, None] + jnp.arange(dim)[None, :]
+    return z[idx], z[dim:], z[m:]
+
+
+def median_bandwidth(sq_dists: Float[Array, "m m"], eps: Float[Array, ""]) -> Float[Array, ""]:
+    """Median heuristic: the median pairwise distance between distinct training inputs (floored)."""
+    m = sq_dists.shape[0]
+    iu = jnp.triu_indices(m, k=1)
+    return jnp.sqrt(jnp.maximum(jnp.median(sq_dists[iu]), jnp.maximum(eps, 1e-12)))
+
+
+def gaussian_gram(a: Float[Array, "p d"], b: Float[Array, "r d"]) -> Float[Array, "p r"]:
+    return jnp.maximum(jnp.sum(a**2, -1)[:, None] + jnp.sum(b**2, -1)[None, :] - 2.0 * a @ b.T, 0.0)
+
+
+class RidgeFit(NamedTuple):
+    chol: Float[Array, "m m"]
+    alpha: Float[Array, " m"]
+    noise_var: Float[Array, ""]
+    signal_var: Float[Array, ""]
+
+
+def fit_ridge(gram: Float[Array, "m m"], y: Float[Array, " m"], ratio: Float[Array, ""]) -> RidgeFit:
+    """Solve (K + s I) alpha = y by Cholesky. Noise variance RSS / (m - tr H) with H = K (K + s I)^-1;
+    signal variance = mean(y^2) - noise variance (floored at 1% of mean(y^2))."""
+    m = y.shape[0]
+    chol = jnp.linalg.cholesky(gram + ratio * jnp.eye(m, dtype=gram.dtype))
+    alpha = jsl.cho_solve((chol, True), y)
+    chol_inv = jsl.solve_triangular(chol, jnp.eye(m, dtype=gram.dtype), lower=True)
+    trace_inv = jnp.sum(chol_inv**2)  # tr (K + sI)^-1, and m - tr H = s tr (K + sI)^-1
+    noise_var = ratio * jnp.sum(alpha**2) / jnp.maximum(trace_inv, 1e-300)  # residual y - K alpha = s alpha
+    power = jnp.mean(y**2)
+    signal_var = jnp.maximum(power - noise_var, 0.01 * power) + 1e-300
+    return RidgeFit(chol, alpha, noise_var, signal_var)
+
+
+def krr_forecast(z: Float[Array, " n"], static, params) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """One-step forecast and predictive std on the z scale. The regression target is the next increment,
+    so far from the training inputs the forecast falls back to the last value."""
+    x, target, query = delay_embed(z, static.kernel_a_embedding_dim)
+    persistence = 0.0
+    y = target - persistence * x[:, -1]
+    sq = gaussian_gram(x, x)
+    bandwidth = params["kernel_a_bandwidth"] * median_bandwidth(sq, params["numerical_epsilon"])
+    gram = jnp.exp(-sq / (2.0 * bandwidth**2))
+    k_star = jnp.exp(-gaussian_gram(x, query[None, :])[:, 0] / (2.0 * bandwidth**2))
+    lam = params["kernel_ridge_lambda"]
+
+    fit = fit_ridge(gram, y, lam + INITIAL_NOISE_RATIO)
+    for _ in range(static.kernel_a_noise_iterations):
+        fit = fit_ridge(gram, y, lam + fit.noise_var / fit.signal_var)
+
+    mean = k_star @ fit.alpha
+    v = jsl.solve_triangular(fit.chol, k_star, lower=True)
+    sigma = jnp.sqrt(fit.signal_var * jnp.maximum(1.0 - v @ v, 0.0) + fit.noise_var)
+    # a numerically failed Cholesky (NaN) falls back to the last value with unit z-scale uncertainty
+    ok = jnp.isfinite(mean) & jnp.isfinite(sigma)
+    return persistence * z[-1] + jnp.where(ok, mean, 0.0), jnp.where(ok, sigma, 1.0)
+
+
+def init_carry(past: Float[Array, " m"], static, params, key) -> RidgeCarry:
+    length = history_length(static)
+    tail = past[-length:]
+    history = jnp.zeros(length, past.dtype).at[length - tail.shape[0]:].set(tail)
+    return RidgeCarry(history, jnp.asarray(tail.shape[0], jnp.int32))
+
+
+def append(carry: RidgeCarry, value: Float[Array, ""]) -> RidgeCarry:
+    history = jnp.roll(carry.history, -1).at[-1].set(value)
+    return RidgeCarry(history, jnp.minimum(carry.n_valid + 1, carry.history.shape[0]))
+
+
+def forecast(window: Float[Array, " n"], carry: RidgeCarry, key, static, params) -> KernelResult:
+    eps = params["numerical_epsilon"]
+    z, loc, scale = zscore(window, eps)
+    pred_z, sigma_z = krr_forecast(z, static, params)
+    pred, sigma = to_data_units(pred_z, sigma_z, loc, scale, eps)
+    carry = append(carry, window[-1])
+    h = holder_exponent(carry.history, carry.n_valid, static, params)
+    return KernelResult(pred, sigma, {"holder_exponent": h}, carry)
 
 
 KERNEL = ForecastKernel("ridge", init_carry, forecast, METADATA_KEYS)

@@ -1,22 +1,154 @@
-"""PLACEHOLDER: replaced by the real kernel (issue 3). Last-value forecast with increment-std sigma."""
+"""Kernel D of SPEC §3.4: log-signature features with a recursive ridge readout.
+
+The newest ``kernel_d_feature_window`` points of the z-scored window become a path with a time channel
+normalised to [0, 1] (time-augmented ``(t, z)`` or time + lead-lag ``(t, z_lead, z_lag)``); its
+log-signature at depth ``log_sig_depth`` (signax, Lyndon coordinates) is the feature vector, whose
+time-increment coordinate (identically 1) serves as the bias. A ridge readout with exponential forgetting,
+carried in the state in information form, maps the features to the next increment in z units.
+
+Scale convention of the online update: the features of the previous window are stored as computed in
+*their own* z-scale, and the target they are paired with is ``z[-1] - z[-2]`` of the *current* window (the
+increment just observed, in the current z-scale). Both are bounded for any finite window (|z| <= sqrt(n)),
+so constant windows, jumps and outliers cannot blow the readout up; the mismatch between the two scales is
+the one-step change of the rolling std, O(1/n) in steady state.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import signax
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from usp_core.kernels.contract import ForecastKernel, KernelResult, to_data_units, zscore
 
-METADATA_KEYS: tuple[str, ...] = ()
+METADATA_KEYS: tuple[str, ...] = ("readout_residual_var", "readout_leverage", "readout_increment_z")
 
 
-def init_carry(past, static, params, key):
-    return jnp.zeros(())
+class SignatureCarry(NamedTuple):
+    gram: Float[Array, "p p"]
+    moment: Float[Array, " p"]
+    prev_features: Float[Array, " p"]
+    residual_var: Float[Array, ""]
+    num_updates: Float[Array, ""]
 
 
-def forecast(window, carry, key, static, params) -> KernelResult:
+def feature_window_length(static) -> int:
+    return min(static.kernel_d_feature_window, static.base_min_signal_length)
+
+
+def embed_path(z_tail: Float[Array, " m"], embedding: str) -> Float[Array, "k c"]:
+    """Time-augmented or time + lead-lag path of ``z_tail``, time normalised to [0, 1] (SPEC §3.4 D)."""
+    if embedding == "time":
+        t = jnp.linspace(0.0, 1.0, z_tail.shape[0], dtype=z_tail.dtype)
+        return jnp.stack([t, z_tail], axis=1)
+    if embedding == "leadlag":
+        doubled = jnp.repeat(z_tail, 2)
+        lead, lag = doubled[1:], doubled[:-1]
+        t = jnp.linspace(0.0, 1.0, lead.shape[0], dtype=z_tail.dtype)
+        return jnp.stack([t, lead, lag], axis=1)
+    raise ValueError(f"unknown kernel_d_path_embedding {embedding!r}")
+
+
+def logsignature_features(z: Float[Array, " n"], static) -> Float[Array, " p"]:
+    """Bias + log-signature of the embedded newest points of ``z``. Channel 0 is time, so the first
+    Lyndon coordinate is the time increment, exactly 1: it is replaced by the bias 1 (same value, no
+    rounding dependence)."""
+    path = embed_path(z[-feature_window_length(static):], static.kernel_d_path_embedding)
+    logsig = signax.logsignature(path, static.log_sig_depth)
+    return jnp.concatenate([jnp.ones((1,), logsig.dtype), logsig[1:]])
+
+
+def num_features(static) -> int:
+    z = jax.ShapeDtypeStruct((static.base_min_signal_length,), jnp.float64)
+    return jax.eval_shape(lambda w: logsignature_features(w, static), z).shape[0]
+
+
+def _solve_psd(gram: Float[Array, "p p"], rhs: Float[Array, " p"]) -> tuple[Float[Array, " p"], Float[Array, ""]]:
+    """(gram^-1 rhs, rhs' gram^-1 rhs) by Cholesky; gram >= I / prior_scale keeps it well conditioned."""
+    chol = jnp.linalg.cholesky(gram)
+    half = jsl.solve_triangular(chol, rhs, lower=True)
+    return jsl.solve_triangular(chol.T, half, lower=False), jnp.sum(half**2)
+
+
+def readout(carry: SignatureCarry, features: Float[Array, " p"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Predicted increment (z units) and leverage x' P x with P = gram^-1."""
+    weights, _ = _solve_psd(carry.gram, carry.moment)
+    _, leverage = _solve_psd(carry.gram, features)
+    return features @ weights, leverage
+
+
+def rls_update(carry: SignatureCarry, target: Float[Array, ""], params) -> SignatureCarry:
+    """One forgetting-ridge step with the pair (carry.prev_features, target).
+
+    gram' = lam gram + x x' + (1 - lam) I / prior_scale keeps gram >= I / prior_scale (no covariance
+    wind-up on unexcited directions, e.g. constant windows); with lam = 1 it is plain ridge. The innovation
+    is clipped at ``kernel_d_innovation_clip`` predictive stds for the weights (Huber-type robustness);
+    the residual variance is an EMA of the unclipped innovation^2 / (1 + leverage), the noise variance of
+    the a-priori residual, so that sigma widens honestly after a surprise (and recovers from a constant
+    stretch, where it is ~0)."""
+    lam = params["kernel_d_forgetting"]
+    x = carry.prev_features
+    pred, leverage = readout(carry, x)
+    bound = params["kernel_d_innovation_clip"] * jnp.sqrt(carry.residual_var * (1.0 + leverage))
+    residual = target - pred
+    innovation = jnp.clip(residual, -bound, bound)
+    eye = jnp.eye(x.shape[0], dtype=x.dtype)
+    gram = lam * carry.gram + jnp.outer(x, x) + (1.0 - lam) / params["kernel_d_prior_scale"] * eye
+    moment = lam * carry.moment + x * (pred + innovation)
+    rate = jnp.maximum(1.0 - lam, 1.0 / (carry.num_updates + 2.0))
+    residual_var = (1.0 - rate) * carry.residual_var + rate * residual**2 / (1.0 + leverage)
+    return carry._replace(gram=gram, moment=moment, residual_var=residual_var,
+                          num_updates=carry.num_updates + 1.0)
+
+
+def _observe(carry: SignatureCarry, window: Float[Array, " n"], static, params):
+    """Update the readout with the increment just observed, then set this window's features."""
     z, loc, scale = zscore(window, params["numerical_epsilon"])
-    pred, sigma = to_data_units(z[-1], jnp.std(jnp.diff(z)) + 1e-3, loc, scale, params["numerical_epsilon"])
-    return KernelResult(pred, sigma, {k: jnp.zeros(()) for k in METADATA_KEYS}, carry)
+    carry = rls_update(carry, z[-1] - z[-2], params)
+    features = logsignature_features(z, static)
+    return carry._replace(prev_features=features), (z, loc, scale, features)
+
+
+def init_carry(past: Float[Array, " m"], static, params, key: PRNGKeyArray) -> SignatureCarry:
+    """Readout pre-trained causally on every full window of ``past`` (a lax.scan), so it is useful from the
+    first forecast. A past shorter than n is edge-padded at the front (static shapes)."""
+    n = static.base_min_signal_length
+    past = jnp.asarray(past)
+    if past.shape[0] < n:
+        past = jnp.concatenate([jnp.full((n - past.shape[0],), past[0], past.dtype), past])
+    eps = params["numerical_epsilon"]
+    z0, _, _ = zscore(past[:n], eps)
+    p = num_features(static)
+    carry = SignatureCarry(
+        gram=jnp.eye(p, dtype=past.dtype) / params["kernel_d_prior_scale"],
+        moment=jnp.zeros((p,), past.dtype),
+        prev_features=logsignature_features(z0, static),
+        residual_var=jnp.maximum(jnp.mean(jnp.diff(z0) ** 2), eps),
+        num_updates=jnp.zeros((), past.dtype),
+    )
+    starts = jnp.arange(1, past.shape[0] - n + 1)
+
+    def step(c, start):
+        c, _ = _observe(c, jax.lax.dynamic_slice(past, (start,), (n,)), static, params)
+        return c, None
+
+    carry, _ = jax.lax.scan(step, carry, starts)
+    return carry
+
+
+def forecast(window: Float[Array, " n"], carry: SignatureCarry, key: PRNGKeyArray, static, params) -> KernelResult:
+    eps = params["numerical_epsilon"]
+    carry, (z, loc, scale, features) = _observe(carry, window, static, params)
+    increment, leverage = readout(carry, features)
+    sigma_z = jnp.sqrt(carry.residual_var * (1.0 + leverage))
+    pred, sigma = to_data_units(z[-1] + increment, sigma_z, loc, scale, eps)
+    metadata = {"readout_residual_var": carry.residual_var, "readout_leverage": leverage,
+                "readout_increment_z": increment}
+    return KernelResult(pred, sigma, metadata, carry)
 
 
 KERNEL = ForecastKernel("signature", init_carry, forecast, METADATA_KEYS)

@@ -1,0 +1,58 @@
+"""MLflow registry of the config: promote -> aliases, rejected decision, rollback re-points champion, reconcile."""
+
+import pytest
+
+from usp_core.config.audit import read_audit_records, verify_audit_log
+from usp_core.config.loader import PredictorConfig
+from usp_core.config.mutation import atomic_write_config, rollback
+from usp_core.config.render import render_toml
+from usp_core.promotion.gate import PromotionDecision
+from usp_core.promotion.promote import promote
+from usp_core.promotion.registry import CHALLENGER, CHAMPION, ConfigRegistry, reconcile
+
+pytestmark = pytest.mark.slow  # the MLflow SQLite store migrates its schema on first use (~10 s)
+
+
+def _decision(promote_it):
+    return PromotionDecision(promote_it, "promote: test" if promote_it else "reject: not significant (test)",
+                             champion_score=1.0, challenger_score=0.9, improvement=0.1, dm_stat=-3.0,
+                             p_value=0.001 if promote_it else 0.3)
+
+
+def test_promotion_rollback_and_reconcile(tmp_path):
+    (tmp_path / "config").mkdir()
+    path = tmp_path / "config" / "config.toml"
+    path.write_text(render_toml(), encoding="utf-8")
+    original = path.read_bytes()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = ConfigRegistry.for_config(path, uri, artifact_location=str(tmp_path / "artifacts"))
+    assert reg.name == "usp-predictor"
+
+    first = reg.reconcile(path)
+    assert first.changed and first.model_version == "1" and reg.alias_version(CHAMPION) == ("1", first.config_version)
+    assert not reg.reconcile(path).changed
+
+    out = promote(path, PredictorConfig.default().replace({"cusum_k": 0.7}), _decision(True), registry=reg)
+    assert out.promoted and out.challenger_model_version == out.champion_model_version == "2"
+    new_version = out.mutation.version_after
+    assert reg.alias_version(CHAMPION) == ("2", new_version) == reg.alias_version(CHALLENGER)
+    assert reg.download_config("2") == path.read_text()
+    run = reg.client.get_run(out.mlflow_run_id)
+    assert run.data.metrics["p_value"] == 0.001 and run.data.tags["decision"] == "promote"
+    assert read_audit_records(tmp_path / "audit" / "mutations.jsonl")[-1]["mlflow_run_id"] == out.mlflow_run_id
+
+    rejected = promote(path, {"cusum_k": 0.8}, _decision(False), registry=reg)
+    assert not rejected.promoted and rejected.challenger_model_version == "3"
+    assert reg.alias_version(CHAMPION)[0] == "2" and reg.alias_version(CHALLENGER)[0] == "3"
+    rec = read_audit_records(tmp_path / "audit" / "mutations.jsonl")[-1]
+    assert rec["event"] == "MUTATION_REJECTED" and "not significant" in rec["reason"]
+
+    res = rollback(path, registry=reg)
+    assert path.read_bytes() == original and res.version_after == first.config_version
+    assert reg.alias_version(CHAMPION) == ("1", first.config_version)
+
+    atomic_write_config(path, {"cusum_h": 6.0}, "manual")  # config.toml moves; the alias is now stale
+    fixed = reconcile(path, reg.client)
+    assert fixed.changed and fixed.previous_model_version == "1" and fixed.model_version == "4"
+    assert reg.alias_version(CHAMPION)[1] == PredictorConfig.default().replace({"cusum_h": 6.0}).version
+    assert verify_audit_log(tmp_path / "audit" / "mutations.jsonl") == (True, [])

@@ -1,0 +1,49 @@
+"""Optimisation report, plots and MLflow tracking of a small campaign (fake evaluator)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import usp_core  # noqa: F401
+from usp_core.tuning.optimizer import BayesianMetaOptimizer
+from usp_core.tuning.tracking import CampaignTracker
+
+from test_campaigns import fake_evaluator  # noqa: E402
+
+
+@pytest.mark.slow
+def test_report_and_plots_are_mlflow_artifacts(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = CampaignTracker(uri, experiment="usp-tuning-test",
+                              artifact_location=(tmp_path / "artifacts").as_uri())
+    opt = BayesianMetaOptimizer(fake_evaluator, {"n_trials": 12, "batch_size": 4, "n_startup_trials": 4},
+                                storage="memory:", campaign="report", tracker=tracker)
+    opt.optimize()
+    report = opt.generate_optimization_report(tmp_path / "report")
+    assert report.n_trials == 12 and report.n_complete + report.n_pruned + report.n_failed == 12
+    assert report.best_value == opt.best_value() and report.best_params == opt.best_params()
+    assert set(report.importances) == set(opt.space.names) and report.importance_method in ("fanova", "ped-anova")
+    assert len(report.convergence) == 12 and report.convergence[-1] == report.best_value
+    assert "parameter importances" in report.text and "cusum_k" in report.text
+    assert set(report.plots) == {"history", "importances", "parallel_coordinates"}
+    meta = report.to_metadata()
+    assert meta["best_value"] == report.best_value
+
+    artifacts = set(tracker.list_artifacts("report"))
+    assert {"report/report.txt", "report/report.json", "report/history.png", "report/importances.png",
+            "report/parallel_coordinates.png"} <= artifacts
+    text = Path(tracker.client.download_artifacts(tracker.parent_run_id, "report/report.txt", str(tmp_path))).read_text()
+    assert all(name in text for name in report.importances)
+
+    client = tracker.client
+    parent = client.get_run(tracker.parent_run_id)
+    assert parent.data.tags["usp.tier"] == "fast" and parent.data.tags["usp.study"] == opt.study_name
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.parent_run_id}'")
+    assert len(children) == 12
+    child = children[0]
+    assert set(child.data.params) == set(opt.space.names)
+    folds = client.get_metric_history(child.info.run_id, "fold_objective")
+    assert [m.step for m in folds] == [0, 1, 2, 3]

@@ -1,0 +1,242 @@
+"""Benchmark harness of SPEC §9 (``usp bench``): throughput of the compiled scan vs a Python loop of jitted
+steps, compile time and recompilations, single-step latency, batched vs sequential trials, and the dev-set
+accuracy table. Writes ``<out_dir>/bench.json`` and ``<out_dir>/latest.md``.
+
+Every shape (B, T) is one compilation, so the grid is cut to fit a time budget on small machines; whatever
+was skipped is listed in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from usp_core.config import PredictorConfig
+from usp_core.data import synthetic
+
+FULL_GRID = {"batch": (1, 16, 64, 256), "length": (500, 2000)}
+QUICK_GRID = {"batch": (1, 16, 64), "length": (500,)}
+RATIO_POINT = (64, 1000)
+TRIALS_K = 8
+
+
+def _timed(fn, *args, **kwargs) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)  # Predictor.run returns numpy arrays: the call has finished
+    return time.perf_counter() - start, out
+
+
+def _panel(batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return synthetic.ornstein_uhlenbeck(length, theta=0.05, sigma=1.0, seed=seed, batch=batch)
+
+
+def _dynamic_variant(cfg: PredictorConfig, i: int) -> PredictorConfig:
+    """A config that differs from cfg only in a dynamic parameter (the CUSUM allowance k)."""
+    return cfg.replace({"orchestration.cusum_k": 0.3 + 0.05 * i})
+
+
+def throughput(cfg, batch: int, length: int) -> dict[str, float]:
+    from usp_core.engine.predictor import Predictor
+
+    p = Predictor(cfg)
+    values = _panel(batch, length)
+    first, _ = _timed(p.run, values)
+    steady, _ = _timed(p.run, values + 0.5)
+    return {"batch": batch, "length": length, "first_call_s": first, "steady_s": steady,
+            "series_steps_per_s": batch * length / steady}
+
+
+def step_loop(cfg, n_steps: int) -> dict[str, float]:
+    """The seed's pattern: a Python loop calling the jitted single step, one series."""
+    from usp_core.engine.predictor import Predictor
+
+    p = Predictor(cfg)
+    values = _panel(1, p.min_history + n_steps + 1)[0]
+    state = p.init(values[: p.min_history])
+    start = time.perf_counter()
+    out, state = p.step(state, values[p.min_history])
+    jax.block_until_ready(out.prediction)
+    compile_s = time.perf_counter() - start
+    latencies = []
+    for v in values[p.min_history + 1 :]:
+        start = time.perf_counter()
+        out, state = p.step(state, float(v))
+        jax.block_until_ready(out.prediction)
+        latencies.append(time.perf_counter() - start)
+    lat = np.asarray(latencies)
+    return {"steps": len(lat), "first_step_s": compile_s, "p50_s": float(np.median(lat)),
+            "p99_s": float(np.quantile(lat, 0.99)), "series_steps_per_s": float(1.0 / lat.mean())}
+
+
+def recompilations(cfg, batch: int, length: int) -> dict[str, Any]:
+    """Run configs differing only in dynamic parameters on an already compiled shape; count new compilations."""
+    from usp_core.engine.predictor import Predictor, compile_counts
+
+    values = _panel(batch, length, seed=1)
+    Predictor(cfg).run(values)
+    before = compile_counts()
+    for i in range(3):
+        Predictor(_dynamic_variant(cfg, i)).run(values)
+    after = compile_counts()
+    return {"before": before, "after": after, "recompilations": int(sum(after.values()) - sum(before.values()))}
+
+
+def trials(cfg, batch: int, length: int, k: int = TRIALS_K) -> dict[str, float]:
+    from usp_core.engine.predictor import Predictor, stack_params
+
+    configs = [_dynamic_variant(cfg, i) for i in range(k)]
+    values = _panel(batch, length, seed=2)
+    p = Predictor(cfg)
+    p.run(values)  # warm: the sequential path reuses this compilation
+    seq_s = 0.0
+    for c in configs:
+        seq_s += _timed(Predictor(c).run, values)[0]
+    params = stack_params(configs)
+    first, _ = _timed(p.run_trials, values, params)
+    batched_s, _ = _timed(p.run_trials, values, params)
+    return {"k": k, "batch": batch, "length": length, "sequential_s": seq_s, "batched_first_s": first,
+            "batched_s": batched_s, "sequential_trials_per_s": k / seq_s, "batched_trials_per_s": k / batched_s,
+            "speedup": seq_s / batched_s}
+
+
+def dev_accuracy(cfg, max_length: int) -> dict[str, Any]:
+    from usp_core.backtest.runner import MODELS, run_backtest
+    from usp_core.data.real import load_dev_panel
+
+    panel, provenance = load_dev_panel(max_length=max_length)
+    start = time.perf_counter()
+    result = run_backtest(cfg, panel, include="all")
+    elapsed = time.perf_counter() - start
+    rows = []
+    for series_id in result.series_ids:
+        row = {"series_id": series_id}
+        for model in MODELS:
+            m = result.per_series.loc[(model, series_id)]
+            row[model] = {"mase": float(m["mase"]), "crps_skill": float(m["crps_skill"]), "coverage": float(m["coverage"])}
+        rows.append(row)
+    aggregate = {model: {k: float(v) for k, v in result.aggregate.loc[model, ["mase", "crps_skill", "coverage"]].items()}
+                 for model in MODELS}
+    return {"max_length": max_length, "elapsed_s": elapsed, "rows": rows, "aggregate": aggregate,
+            "provenance": provenance.to_dict(orient="records"), "level": cfg["core.interval_level"]}
+
+
+def run_bench(out_dir: str | os.PathLike[str] = "bench/results", quick: bool = False, *, budget_s: float | None = None,
+              cfg: PredictorConfig | None = None) -> dict[str, Any]:
+    """Run the benchmark and write ``bench.json`` (plus a timestamped copy) and ``latest.md`` into out_dir."""
+    cfg = cfg or PredictorConfig.default()
+    budget_s = (240.0 if quick else 480.0) if budget_s is None else budget_s
+    started = time.perf_counter()
+    grid = QUICK_GRID if quick else FULL_GRID
+    report: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
+                    "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
+        "config_version": cfg.version, "quick": quick, "skipped": [],
+    }
+    over_budget = lambda: time.perf_counter() - started > budget_s  # noqa: E731
+
+    report["step_loop"] = step_loop(cfg, n_steps=100 if quick else 300)
+    ratio_b, ratio_t = RATIO_POINT
+    report["ratio_point"] = throughput(cfg, ratio_b, ratio_t)
+    report["compile_s"] = report["ratio_point"]["first_call_s"] - report["ratio_point"]["steady_s"]
+    report["speedup_vs_step_loop"] = report["ratio_point"]["series_steps_per_s"] / report["step_loop"]["series_steps_per_s"]
+    report["recompilation"] = recompilations(cfg, ratio_b, ratio_t)
+    report["grid"] = []
+    for length in grid["length"]:
+        for batch in grid["batch"]:
+            if over_budget():
+                report["skipped"].append(f"throughput B={batch} T={length} (time budget)")
+                continue
+            report["grid"].append(throughput(cfg, batch, length))
+    if over_budget():
+        report["skipped"].append("batched trials (time budget)")
+    else:
+        report["trials"] = trials(cfg, 16, 500)
+    if over_budget():
+        report["skipped"].append("dev-set accuracy (time budget)")
+    else:
+        report["dev"] = dev_accuracy(cfg, max_length=500 if quick else 2000)
+    report["total_s"] = time.perf_counter() - started
+    _write(Path(out_dir), report)
+    return report
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"Benchmark of {report['when']} on {m['backend']} ({m['cpus']} CPUs, {m['platform']}, jax {m['jax']}), "
+        f"config {report['config_version']}{', quick mode' if report['quick'] else ''}; total {report['total_s']:.0f} s.",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+    ]
+    rp, loop = report["ratio_point"], report["step_loop"]
+    lines += [
+        f"| `p.run` throughput at B={rp['batch']}, T={rp['length']} (series-steps/s) | {rp['series_steps_per_s']:.0f} | |",
+        f"| Python loop of jitted `p.step` (series-steps/s, {loop['steps']} steps of one series, extrapolated) | {loop['series_steps_per_s']:.0f} | |",
+        f"| speedup scan+vmap vs step loop | {report['speedup_vs_step_loop']:.1f}x | >= 50x |",
+        f"| compile time of `p.run` at the ratio point (s) | {report['compile_s']:.1f} | |",
+        f"| first `p.step` call incl. compile (s) | {loop['first_step_s']:.1f} | |",
+        f"| recompilations when only dynamic params change | {report['recompilation']['recompilations']} | 0 |",
+        f"| single-step latency p50 / p99 (ms) | {1e3 * loop['p50_s']:.2f} / {1e3 * loop['p99_s']:.2f} | |",
+    ]
+    if "trials" in report:
+        tr = report["trials"]
+        lines.append(f"| batched trials K={tr['k']} vs sequential (trials/s, B={tr['batch']}, T={tr['length']}) | "
+                     f"{tr['batched_trials_per_s']:.2f} vs {tr['sequential_trials_per_s']:.2f} ({tr['speedup']:.1f}x) | >= 4x |")
+    lines += ["", "Throughput of `p.run` (series-steps/s, steady state; first call includes compilation):", "",
+              "| B | T | series-steps/s | first call (s) |", "|---|---|---|---|"]
+    for g in report["grid"]:
+        lines.append(f"| {g['batch']} | {g['length']} | {g['series_steps_per_s']:.0f} | {g['first_call_s']:.1f} |")
+    if "dev" in report:
+        dev = report["dev"]
+        models = list(dev["aggregate"])
+        lines += ["", f"Dev-set accuracy (walk-forward, all folds, newest {dev['max_length']} points per series; "
+                  f"MASE / CRPS skill vs naive / {100 * dev['level']:.0f}% coverage):", "",
+                  "| series | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+        cell = lambda d: f"{_fmt(d['mase'], 2)} / {_fmt(d['crps_skill'], 2)} / {_fmt(d['coverage'], 2)}"  # noqa: E731
+        for row in dev["rows"]:
+            lines.append(f"| {row['series_id']} | " + " | ".join(cell(row[mdl]) for mdl in models) + " |")
+        lines.append("| **mean** | " + " | ".join(cell(dev["aggregate"][mdl]) for mdl in models) + " |")
+        lines += ["", "Sources: " + "; ".join(f"{p['series_id']} = {p['package']}.{p['dataset']}[{p['column']}], {p['transformation']}"
+                                             for p in dev["provenance"]) + "."]
+    if report["skipped"]:
+        lines += ["", "Skipped to stay within the time budget: " + "; ".join(report["skipped"]) + "."]
+    if m["backend"] != "gpu":
+        lines += ["", "GPU: not measured in this run (no GPU backend)."]
+    return "\n".join(lines) + "\n"
+
+
+def _write(out_dir: Path, report: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, default=float)
+    (out_dir / "bench.json").write_text(text)
+    suffix = "gpu" if report["machine"]["backend"] == "gpu" else "cpu"
+    (out_dir / f"bench_{suffix}_{report['when'].replace(':', '')}.json").write_text(text)
+    (out_dir / ("latest_gpu.md" if suffix == "gpu" else "latest.md")).write_text(render_markdown(report))
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="USP benchmark (SPEC §9)")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    report = run_bench(args.out, quick=args.quick)
+    print(render_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Inference on one observation file: validate, step every series' state, store predictions + states atomically.
+
+Rows of a series are stepped in time order; all series advance together through ``Predictor.step_batch`` (one
+vmapped call per time index, padded to a power-of-two batch so that file sizes reuse compilations), and a
+series without a row at that index keeps its state (masked merge).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from usp_core.config import PredictorConfig
+from usp_core.inference.codec import decode_state, encode_state
+from usp_core.inference.store import PredictionStore
+
+HORIZON = 1
+FLAG_FIELDS = ("regime_change", "degraded", "emergency", "rejected", "outlier", "stale", "gap", "frozen",
+               "mode_collapse_warning")
+
+
+@dataclass
+class InferenceResult:
+    source: str
+    sha256: str
+    config_version: str
+    rows: int
+    good_rows: int
+    quarantined: int
+    skipped: int
+    predictions_written: int
+    states_written: int
+    series: int
+    new_series: int
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    sample: pd.DataFrame | None = None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_observation_file(path: str | Path) -> pd.DataFrame:
+    """A CSV or Parquet file of observations, values kept as read so that bad ones reach the quarantine."""
+    from usp_core.data.schema import ObservationError, _require_columns, read_observations_csv
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise ObservationError(f"observation file {path} does not exist")
+        df = pd.read_parquet(path)
+        _require_columns(df)
+        return df
+    return read_observations_csv(path)
+
+
+def quarantine_records(quarantine: pd.DataFrame, *, source: str, run_id: str, source_sha256: str | None = None,
+                       created_at: dt.datetime | None = None) -> pd.DataFrame:
+    """The validator's quarantine frame (series_id, ts, value, row, reason) as rows of the DuckDB table."""
+    if source_sha256 is None:
+        source_sha256 = hashlib.sha256(pd.util.hash_pandas_object(quarantine, index=False).to_numpy().tobytes()).hexdigest()
+    return pd.DataFrame({
+        "source_sha256": source_sha256,
+        "row_number": quarantine["row"].astype("int64").to_numpy() if len(quarantine) else np.zeros(0, np.int64),
+        "reason": quarantine["reason"].astype(str).to_numpy(),
+        "source": source,
+        "series_id": quarantine["series_id"].astype(str).to_numpy(),
+        "ts": quarantine["ts"].astype(str).to_numpy(),
+        "value": quarantine["value"].astype(str).to_numpy(),
+        "dagster_run_id": run_id,
+        "created_at": pd.Timestamp(created_at or _utcnow()),
+    })
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def _naive_utc(ts: pd.Series) -> pd.Series:
+    return ts.dt.tz_convert("UTC").dt.tz_localize(None) if ts.dt.tz is not None else ts
+
+
+def _ns(ts: pd.Series) -> np.ndarray:
+    return _naive_utc(ts).astype("datetime64[ns]").astype("int64").to_numpy()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)]) if len(x) < size else x
+
+
+@jax.jit
+def _masked_merge(mask, new, old):
+    def pick(a, b):
+        m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+        return jnp.where(m, a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _stack(states: list):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _state_at(batched, i: int):
+    return jax.tree.map(lambda x: x[i], batched)
+
+
+def _output_rows(out, idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.asarray(getattr(out, name))[idx] for name in out._fields}
+
+
+def run_inference(
+    path: str | Path,
+    cfg: PredictorConfig,
+    store: PredictionStore,
+    *,
+    run_id: str = "",
+    now_ns: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> InferenceResult:
+    """Validate ``path``, predict every good row and write predictions and states in one transaction.
+
+    ``now_ns`` is the wall clock for staleness checks; ``None`` treats each row as observed at its own
+    timestamp (replay of historical files). Rows already stored are quarantined as duplicates by the validator,
+    so a replayed file adds no predictions.
+    """
+    from usp_core.data.schema import validate_observations
+    from usp_core.engine import step as step_mod
+    from usp_core.engine.predictor import Predictor
+
+    log = log or (lambda _msg: None)
+    path = Path(path)
+    raw = read_observation_file(path)
+    sha = file_sha256(path)
+    predictor = Predictor(cfg)
+    m = predictor.min_history
+
+    file_ids = sorted(set(raw["series_id"].dropna().astype(str).str.strip()) - {""})
+    history = store.load_history(file_ids)
+    last_stored = history.groupby("series_id")["ts"].max().to_dict() if len(history) else {}
+    good, quarantine = validate_observations(raw, 0, last_ts=last_stored)
+    states = store.load_states(cfg.version, sorted(set(good["series_id"])))
+    log(f"{path.name}: {len(raw)} rows, {len(good)} valid, {len(quarantine)} quarantined; "
+        f"{len(states)} series with a stored state for config {cfg.version}")
+
+    template = jax.eval_shape(
+        lambda h: step_mod.init_state(h, jnp.asarray(0, jnp.int64), predictor.key, predictor.static, predictor.params)[0],
+        jax.ShapeDtypeStruct((m,), predictor.dtype),
+    )
+    good = good.assign(ts=_naive_utc(good["ts"]))
+    created_at = pd.Timestamp(_utcnow())
+
+    plans: list[tuple[str, np.ndarray, np.ndarray]] = []  # series, values to step, their ts (ns)
+    start_states: dict[str, object] = {}
+    init_ids: list[str] = []
+    init_hist: list[np.ndarray] = []
+    init_ts: list[int] = []
+    too_short: list[str] = []
+    for sid, rows in good.groupby("series_id", sort=True):
+        values, stamps = rows["value"].to_numpy(np.float64), _ns(rows["ts"])
+        if sid in states:
+            st = states[sid]
+            start_states[sid] = decode_state(st.state, st.state_sha256, template)
+            plans.append((sid, values, stamps))
+            continue
+        past = history[history["series_id"] == sid]
+        all_values = np.concatenate([past["value"].to_numpy(np.float64), values])
+        all_stamps = np.concatenate([_ns(past["ts"]), stamps])
+        if len(all_values) < m:
+            too_short.append(sid)
+            continue
+        init_end = max(m, len(past))
+        init_ids.append(sid)
+        init_hist.append(all_values[init_end - m:init_end])
+        init_ts.append(int(all_stamps[init_end - 1]))
+        plans.append((sid, all_values[init_end:], all_stamps[init_end:]))
+
+    if too_short:
+        # every clean input row of a series that cannot be initialised yet; its observations are still
+        # stored, so a later file can complete the history
+        already = set(quarantine["row"].astype(int))
+        ids = raw["series_id"].astype(str).str.strip()
+        rows = [i for i in np.flatnonzero(ids.isin(too_short)) if i not in already]
+        short_rows = raw.loc[rows, ["series_id", "ts", "value"]].astype(str).assign(row=rows, reason="insufficient_history")
+        quarantine = pd.concat([quarantine, short_rows], ignore_index=True)
+
+    pred_frames: list[pd.DataFrame] = []
+    final_states: dict[str, object] = {}
+
+    def emit(sids: list[str], stamps: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+        flags = np.stack([cols[f].astype(bool) for f in FLAG_FIELDS], axis=1)
+        pred_frames.append(pd.DataFrame({
+            "series_id": sids,
+            "ts": pd.to_datetime(stamps, unit="ns"),
+            "horizon": HORIZON,
+            "config_version": cfg.version,
+            "prediction": cols["prediction"], "lower": cols["lower"], "upper": cols["upper"], "sigma": cols["sigma"],
+            "mode": cols["mode"].astype(np.int32),
+            "regime_change": cols["regime_change"].astype(bool), "degraded": cols["degraded"].astype(bool),
+            "emergency": cols["emergency"].astype(bool), "rejected": cols["rejected"].astype(bool),
+            "flags": [[f for f, on in zip(FLAG_FIELDS, row, strict=True) if on] for row in flags],
+            "weights": [list(map(float, w)) for w in cols["weights"]],
+            "dagster_run_id": run_id,
+            "created_at": created_at,
+        }))
+
+    if init_ids:
+        b = _next_pow2(len(init_ids))
+        init_states, init_out = predictor.init_batch(_pad_batch(np.stack(init_hist), b),
+                                                     _pad_batch(np.asarray(init_ts, np.int64), b))
+        emit(init_ids, np.asarray(init_ts), _output_rows(init_out, np.arange(len(init_ids))))
+        for i, sid in enumerate(init_ids):
+            start_states[sid] = _state_at(init_states, i)
+        log(f"initialised {len(init_ids)} new series from their own history ({m} values each)")
+
+    steppable = [(sid, v, t) for sid, v, t in plans if len(v)]
+    for sid, _, _ in plans:
+        final_states[sid] = start_states[sid]
+    if steppable:
+        ids = [sid for sid, _, _ in steppable]
+        b = _next_pow2(len(ids))
+        length = max(len(v) for _, v, _ in steppable)
+        values = np.zeros((b, length))
+        stamps = np.zeros((b, length), np.int64)
+        mask = np.zeros((b, length), bool)
+        for i, (_, v, t) in enumerate(steppable):
+            values[i, :len(v)], stamps[i, :len(t)], mask[i, :len(v)] = v, t, True
+        batch = _stack([start_states[sid] for sid in ids] + [start_states[ids[0]]] * (b - len(ids)))
+        for t in range(length):
+            now = stamps[:, t] if now_ns is None else np.full(b, now_ns, np.int64)
+            out, stepped = predictor.step_batch(batch, values[:, t], stamps[:, t], now)
+            batch = _masked_merge(jnp.asarray(mask[:, t]), stepped, batch)
+            rows = np.flatnonzero(mask[:, t])
+            emit([ids[i] for i in rows], stamps[rows, t], _output_rows(out, rows))
+            if length >= 50 and (t + 1) % max(1, length // 10) == 0:
+                log(f"stepped {t + 1}/{length} time indices across {len(ids)} series")
+        for i, sid in enumerate(ids):
+            final_states[sid] = _state_at(batch, i)
+
+    state_rows = []
+    for sid, st in final_states.items():
+        payload, digest = encode_state(st)
+        state_rows.append({
+            "series_id": sid, "config_version": cfg.version, "state": payload, "state_sha256": digest,
+            "last_ts": pd.Timestamp(int(np.asarray(st.last_timestamp_ns)), unit="ns"),
+            "n_steps": int(np.asarray(st.steps)), "dagster_run_id": run_id, "updated_at": created_at,
+        })
+    predictions = pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame()
+    q_rows = quarantine_records(quarantine, source=str(path), run_id=run_id, source_sha256=sha, created_at=created_at)
+    observations = good.loc[:, ["series_id", "ts", "value"]].assign(source_sha256=sha)
+    counts = store.commit_inference(
+        predictions=predictions,
+        states=pd.DataFrame(state_rows),
+        observations=observations,
+        quarantine=q_rows,
+        processed_file={"source_sha256": sha, "source": str(path), "config_version": cfg.version, "rows": len(raw),
+                        "predictions": len(predictions), "quarantined": len(quarantine), "dagster_run_id": run_id,
+                        "processed_at": created_at},
+    )
+    log(f"wrote {counts.predictions} predictions, {counts.states} states, {counts.quarantined} quarantine rows")
+    reasons = quarantine["reason"].value_counts().to_dict() if len(quarantine) else {}
+    return InferenceResult(
+        source=str(path), sha256=sha, config_version=cfg.version, rows=len(raw), good_rows=len(good),
+        quarantined=len(quarantine), skipped=int(reasons.get("duplicate", 0)),
+        predictions_written=counts.predictions, states_written=counts.states, series=len(final_states),
+        new_series=len(init_ids), quarantine_reasons={str(k): int(v) for k, v in reasons.items()},
+        sample=predictions.drop(columns=["flags", "weights"]).head(10) if len(predictions) else None,
+    )

@@ -1,0 +1,230 @@
+"""DuckDB store of observations, predictions, predictor states and quarantined rows (SPEC §7, §10).
+
+Predictions and the predictor states that produced them are written in ONE transaction, so a crash leaves
+either both or neither. Every insert is ``ON CONFLICT DO NOTHING`` on a natural key: replaying a file adds
+nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+DEFAULT_DUCKDB_PATH = "dagster_home/usp.duckdb"
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS observations (
+    series_id VARCHAR NOT NULL,
+    ts TIMESTAMP NOT NULL,
+    value DOUBLE NOT NULL,
+    source_sha256 VARCHAR,
+    PRIMARY KEY (series_id, ts)
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    series_id VARCHAR NOT NULL,
+    ts TIMESTAMP NOT NULL,
+    horizon INTEGER NOT NULL,
+    config_version VARCHAR NOT NULL,
+    prediction DOUBLE,
+    lower DOUBLE,
+    upper DOUBLE,
+    sigma DOUBLE,
+    mode INTEGER,
+    regime_change BOOLEAN,
+    degraded BOOLEAN,
+    emergency BOOLEAN,
+    rejected BOOLEAN,
+    flags VARCHAR[],
+    weights DOUBLE[],
+    dagster_run_id VARCHAR,
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (series_id, ts, horizon, config_version)
+);
+CREATE TABLE IF NOT EXISTS predictor_states (
+    series_id VARCHAR NOT NULL,
+    config_version VARCHAR NOT NULL,
+    state BLOB NOT NULL,
+    state_sha256 VARCHAR NOT NULL,
+    last_ts TIMESTAMP NOT NULL,
+    n_steps BIGINT NOT NULL,
+    dagster_run_id VARCHAR,
+    updated_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (series_id, config_version)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    source_sha256 VARCHAR NOT NULL,
+    row_number BIGINT NOT NULL,
+    reason VARCHAR NOT NULL,
+    source VARCHAR,
+    series_id VARCHAR,
+    ts VARCHAR,
+    value VARCHAR,
+    dagster_run_id VARCHAR,
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (source_sha256, row_number, reason)
+);
+CREATE TABLE IF NOT EXISTS processed_files (
+    source_sha256 VARCHAR NOT NULL,
+    source VARCHAR,
+    config_version VARCHAR NOT NULL,
+    rows BIGINT,
+    predictions BIGINT,
+    quarantined BIGINT,
+    dagster_run_id VARCHAR,
+    processed_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (source_sha256, config_version)
+);
+"""
+
+PREDICTION_COLUMNS = (
+    "series_id", "ts", "horizon", "config_version", "prediction", "lower", "upper", "sigma", "mode",
+    "regime_change", "degraded", "emergency", "rejected", "flags", "weights", "dagster_run_id", "created_at",
+)
+STATE_COLUMNS = (
+    "series_id", "config_version", "state", "state_sha256", "last_ts", "n_steps", "dagster_run_id", "updated_at",
+)
+QUARANTINE_COLUMNS = (
+    "source_sha256", "row_number", "reason", "source", "series_id", "ts", "value", "dagster_run_id", "created_at",
+)
+
+
+def resolve_duckdb_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """``path``, else ``$USP_DUCKDB_PATH``, else the embedded default under ``dagster_home/``."""
+    return Path(path or os.environ.get("USP_DUCKDB_PATH") or DEFAULT_DUCKDB_PATH)
+
+
+@dataclass(frozen=True)
+class StoredState:
+    series_id: str
+    state: bytes
+    state_sha256: str
+    last_ts: pd.Timestamp
+    n_steps: int
+
+
+@dataclass(frozen=True)
+class WriteCounts:
+    predictions: int
+    states: int
+    observations: int
+    quarantined: int
+
+
+class PredictionStore:
+    """One DuckDB database file; each method opens a short-lived connection (DuckDB allows one writer)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None):
+        self.path = resolve_duckdb_path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as con:
+            for statement in SCHEMA_SQL.split(";"):
+                if statement.strip():
+                    con.execute(statement).fetchall()
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = duckdb.connect(str(self.path), read_only=read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def load_states(self, config_version: str, series_ids: list[str]) -> dict[str, StoredState]:
+        if not series_ids:
+            return {}
+        with self.connect() as con:
+            rows = con.execute(
+                "SELECT series_id, state, state_sha256, last_ts, n_steps FROM predictor_states "
+                "WHERE config_version = ? AND list_contains(?, series_id)",
+                [config_version, list(series_ids)],
+            ).fetchall()
+        return {r[0]: StoredState(r[0], bytes(r[1]), r[2], pd.Timestamp(r[3]), int(r[4])) for r in rows}
+
+    def load_history(self, series_ids: list[str]) -> pd.DataFrame:
+        """Stored observations of ``series_ids`` ordered by (series_id, ts)."""
+        with self.connect() as con:
+            return con.execute(
+                "SELECT series_id, ts, value FROM observations WHERE list_contains(?, series_id) "
+                "ORDER BY series_id, ts",
+                [list(series_ids)],
+            ).df()
+
+    def write_quarantine(self, quarantine: pd.DataFrame) -> int:
+        """Insert quarantined rows (columns of QUARANTINE_COLUMNS); returns the rows actually added."""
+        if quarantine.empty:
+            return 0
+        with self.connect() as con:
+            return _insert(con, "quarantine", quarantine, QUARANTINE_COLUMNS)
+
+    def commit_inference(
+        self,
+        *,
+        predictions: pd.DataFrame,
+        states: pd.DataFrame,
+        observations: pd.DataFrame,
+        quarantine: pd.DataFrame,
+        processed_file: dict | None = None,
+    ) -> WriteCounts:
+        """Write observations, predictions, new states and quarantine rows atomically (one transaction)."""
+        with self.connect() as con:
+            con.begin()
+            try:
+                n_obs = _insert(con, "observations", observations, ("series_id", "ts", "value", "source_sha256"))
+                n_pred = _insert(con, "predictions", predictions, PREDICTION_COLUMNS)
+                n_states = _upsert_states(con, states)
+                n_quar = _insert(con, "quarantine", quarantine, QUARANTINE_COLUMNS)
+                if processed_file is not None:
+                    _insert(con, "processed_files", pd.DataFrame([processed_file]), tuple(processed_file))
+                con.commit()
+            except BaseException:
+                con.rollback()
+                raise
+        return WriteCounts(n_pred, n_states, n_obs, n_quar)
+
+    def count(self, table: str) -> int:
+        if table not in ("observations", "predictions", "predictor_states", "quarantine", "processed_files"):
+            raise ValueError(f"unknown table {table!r}")
+        with self.connect() as con:
+            return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    def table(self, table: str) -> pd.DataFrame:
+        self.count(table)  # validates the name
+        with self.connect() as con:
+            return con.execute(f"SELECT * FROM {table}").df()
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame, columns: tuple[str, ...]) -> int:
+    if frame.empty:
+        return 0
+    con.register("_incoming", frame.loc[:, list(columns)])
+    try:
+        cols = ", ".join(columns)
+        inserted = con.execute(
+            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming ON CONFLICT DO NOTHING"
+        ).fetchone()
+    finally:
+        con.unregister("_incoming")
+    return int(inserted[0]) if inserted else 0
+
+
+def _upsert_states(con: duckdb.DuckDBPyConnection, states: pd.DataFrame) -> int:
+    if states.empty:
+        return 0
+    con.register("_states", states.loc[:, list(STATE_COLUMNS)])
+    try:
+        cols = ", ".join(STATE_COLUMNS)
+        con.execute(
+            f"INSERT INTO predictor_states ({cols}) SELECT {cols} FROM _states "
+            "ON CONFLICT (series_id, config_version) DO UPDATE SET state = excluded.state, "
+            "state_sha256 = excluded.state_sha256, last_ts = excluded.last_ts, n_steps = excluded.n_steps, "
+            "dagster_run_id = excluded.dagster_run_id, updated_at = excluded.updated_at"
+        ).fetchall()
+    finally:
+        con.unregister("_states")
+    return len(states)

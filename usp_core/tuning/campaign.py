@@ -1,0 +1,145 @@
+"""Campaign entry points: the backtest evaluator of trials and ``run_campaign`` (used by ``usp tune`` and
+the Dagster assets)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from usp_core.config.loader import PredictorConfig
+from usp_core.tuning.optimizer import (
+    AsyncMetaOptimizer,
+    BayesianMetaOptimizer,
+    MetaOptimizationConfig,
+    TrialScore,
+    default_storage_url,
+    study_name_for,
+)
+from usp_core.tuning.report import OptimizationReport
+from usp_core.tuning.tracking import CampaignTracker
+
+
+class BacktestEvaluator:
+    """Walk-forward loss of trial configs on the tuning folds (never the holdout, SPEC §4.1).
+
+    Each call receives configs sharing one static key; the group is padded (with copies of its last config)
+    to ``pad_to`` so every call for a static key has the same shape: one compilation per static key.
+    """
+
+    def __init__(self, panel: Any, *, pad_to: int = 1, folds: Any = None):
+        self.panel = panel
+        self.pad_to = max(int(pad_to), 1)
+        self.folds = folds
+
+    def __call__(self, configs: Sequence[PredictorConfig]) -> list[TrialScore]:
+        from usp_core.backtest.runner import evaluate_trials
+
+        configs = list(configs)
+        padded = configs + [configs[-1]] * max(0, self.pad_to - len(configs)) if self.pad_to > 1 else configs
+        results = evaluate_trials(padded, self.panel, folds=self.folds, include="tuning")
+        return [TrialScore(float(r.objective), tuple(float(v) for v in r.fold_objectives)) for r in results[:len(configs)]]
+
+
+@dataclass(frozen=True)
+class CampaignResult:
+    study_name: str
+    storage: str
+    tier: str
+    n_finished: int
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_config: PredictorConfig
+    report: OptimizationReport
+    mlflow_run_id: str | None
+    mlflow_run_url: str | None
+
+
+def _worker(cfg_values: dict[str, Any], panel: Any, tier: str, n_trials: int, storage: str, campaign: str) -> int:
+    """A spawned extra worker: same study, same budget, no MLflow parent bookkeeping of its own."""
+    cfg = PredictorConfig(cfg_values)
+    meta = MetaOptimizationConfig.from_config(cfg, {"enable_deep_tuning": tier == "deep"})
+    opt = BayesianMetaOptimizer(BacktestEvaluator(panel, pad_to=meta.batch_size), meta, cfg, storage=storage,
+                                campaign=campaign, parallel=True)
+    opt.optimize(n_trials)
+    return opt.n_finished()
+
+
+def run_campaign(
+    cfg: PredictorConfig,
+    panel: Any,
+    *,
+    tier: str = "fast",
+    n_trials: int | None = None,
+    storage: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    campaign: str | None = None,
+    tracking: bool | CampaignTracker = True,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    tags: dict[str, Any] | None = None,
+    evaluator: Any = None,
+) -> CampaignResult:
+    """Run (or resume) a tuning campaign until the study holds ``n_trials`` finished trials in total.
+
+    ``workers > 1`` spawns extra processes on the same storage (needs a Journal/SQLite/PostgreSQL URL).
+    ``tracking`` True logs to the default MLflow store; a CampaignTracker logs there; False disables it.
+    """
+    if tier not in ("fast", "deep"):
+        raise ValueError(f"tier must be 'fast' or 'deep', got {tier!r}")
+    meta = MetaOptimizationConfig.from_config(cfg, {"enable_deep_tuning": tier == "deep"})
+    budget = int(n_trials if n_trials is not None else meta.n_trials)
+    storage_url = storage or default_storage_url()
+    campaign = campaign or f"{tier}-tuning"
+    if workers > 1 and storage_url.startswith("memory"):
+        raise ValueError("several workers need a shared storage (journal://, sqlite:///, postgresql://)")
+    tracker = tracking if isinstance(tracking, CampaignTracker) else (CampaignTracker() if tracking else None)
+    evaluator = evaluator or BacktestEvaluator(panel, pad_to=meta.batch_size)
+    with AsyncMetaOptimizer(evaluator, meta, cfg, storage=storage_url, campaign=campaign, tracker=tracker,
+                            parallel=workers > 1, tags={"data_fingerprint": _fingerprint(panel), **(tags or {})}) as opt:
+        extra = []
+        if workers > 1:
+            ctx = mp.get_context("spawn")
+            extra = [ctx.Process(target=_worker, args=(dict(cfg), panel, tier, budget, storage_url, campaign),
+                                 daemon=False) for _ in range(workers - 1)]
+            for p in extra:
+                p.start()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=budget, initial=opt.n_finished(), desc=f"{tier} tuning", unit="trial")
+        try:
+            opt.optimize(budget, checkpoint_path=checkpoint_path, progress=bar)
+        finally:
+            for p in extra:
+                p.join()
+            if bar is not None:
+                bar.update(opt.n_finished() - bar.n)
+                bar.close()
+        opt.wait_all_saves()
+        report = opt.generate_optimization_report()
+        return CampaignResult(
+            study_name=opt.study_name, storage=storage_url, tier=tier, n_finished=opt.n_finished(),
+            best_value=opt.best_value(), best_params=opt.best_params(), best_config=opt.best_config(), report=report,
+            mlflow_run_id=tracker.parent_run_id if tracker else None, mlflow_run_url=tracker.run_url() if tracker else None)
+
+
+def _fingerprint(panel: Any) -> str:
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+
+    h = hashlib.sha256()
+    if isinstance(panel, pd.DataFrame):
+        h.update(pd.util.hash_pandas_object(panel, index=False).to_numpy().tobytes())
+    else:
+        values = getattr(panel, "values", panel)
+        h.update(np.ascontiguousarray(np.asarray(values, dtype=float)).tobytes())
+    return h.hexdigest()[:12]
+
+
+__all__ = ["BacktestEvaluator", "CampaignResult", "run_campaign", "study_name_for"]

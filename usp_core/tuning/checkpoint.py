@@ -1,0 +1,192 @@
+"""Portable, non-executable study checkpoints (SPEC §5, seed V-CRIT-1 corrected: no pickle).
+
+A checkpoint is canonical JSON of the study's trials (distributions via
+``optuna.distributions.distribution_to_json``, params, values, states, intermediate values, user and
+system attrs) with a ``<path>.sha256`` sidecar. Both files are written atomically (tmp, fsync,
+``os.replace``, directory fsync); the sidecar is written last so a crash leaves either the old pair,
+or a new payload whose digest does not verify (never a silently wrong study).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import distribution_to_json, json_to_distribution
+from optuna.trial import FrozenTrial, TrialState
+
+FORMAT = "usp-optuna-study"
+FORMAT_VERSION = 1
+
+
+class IntegrityError(Exception):
+    """A checkpoint's content does not match its SHA-256 sidecar (corrupted or tampered)."""
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def _from_iso(s: str | None) -> dt.datetime | None:
+    return None if s is None else dt.datetime.fromisoformat(s)
+
+
+def _jsonable(value: Any) -> Any:
+    """User attrs must already be JSON (Optuna's RDB/Journal storages require it too)."""
+    json.dumps(value, allow_nan=True)
+    return value
+
+
+def trial_to_dict(t: FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "values": t.values,
+        "params": t.params,
+        "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+        "intermediate_values": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+        "user_attrs": _jsonable(t.user_attrs),
+        "system_attrs": _jsonable(t.system_attrs),
+        "datetime_start": _iso(t.datetime_start),
+        "datetime_complete": _iso(t.datetime_complete),
+    }
+
+
+def trial_from_dict(d: Mapping[str, Any]) -> FrozenTrial:
+    """A trial to add to a study. A trial that was RUNNING when saved comes back WAITING (with its
+    params) so that the resumed campaign re-runs it: nothing lost, nothing duplicated."""
+    state = TrialState[d["state"]]
+    finished = state.is_finished()
+    trial = FrozenTrial(
+        number=d["number"],
+        state=state if finished else TrialState.WAITING,
+        value=None,
+        values=d["values"] if finished else None,
+        datetime_start=_from_iso(d["datetime_start"]) if finished else None,
+        datetime_complete=_from_iso(d["datetime_complete"]) if finished else None,
+        params=d["params"],
+        distributions={k: json_to_distribution(v) for k, v in d["distributions"].items()},
+        user_attrs=dict(d["user_attrs"]),
+        system_attrs=dict(d["system_attrs"]),
+        intermediate_values={int(k): v for k, v in d["intermediate_values"].items()},
+        trial_id=d["number"],
+    )
+    trial._validate()
+    return trial
+
+
+def study_to_document(study: optuna.Study, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "study_name": study.study_name,
+        "directions": [d.name.lower() for d in study.directions],
+        "study_user_attrs": _jsonable(study.user_attrs),
+        "meta": _jsonable(dict(meta or {})),
+        "trials": [trial_to_dict(t) for t in sorted(trials, key=lambda t: t.number)],
+    }
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """tmp in the same directory -> fsync -> os.replace -> fsync(directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".sha256")
+
+
+def save_study(study: optuna.Study, path: str | os.PathLike[str], meta: Mapping[str, Any] | None = None) -> str:
+    """Write the checkpoint and its sidecar; returns the hex digest."""
+    payload = json.dumps(study_to_document(study, meta), sort_keys=True, indent=1).encode()
+    digest = hashlib.sha256(payload).hexdigest()
+    p = Path(path)
+    atomic_write_bytes(p, payload)
+    atomic_write_bytes(sidecar_path(p), f"{digest}  {p.name}\n".encode())
+    return digest
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The verified checkpoint document (IntegrityError on digest mismatch, FileNotFoundError if the
+    checkpoint or its sidecar is missing)."""
+    p = Path(path)
+    payload = p.read_bytes()
+    side = sidecar_path(p)
+    if not side.exists():
+        raise FileNotFoundError(f"checkpoint sidecar {side} is missing; refusing to load {p} unverified")
+    expected = side.read_text().split()[0] if side.read_text().strip() else ""
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise IntegrityError(f"SHA-256 mismatch for {p}: sidecar {expected[:16]}..., content {actual[:16]}...")
+    try:
+        doc = json.loads(payload)
+    except ValueError as exc:  # only reachable when the sidecar was forged to match a broken file
+        raise IntegrityError(f"{p} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        raise IntegrityError(f"{p} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+    return doc
+
+
+def restore_study(
+    doc: Mapping[str, Any],
+    *,
+    storage: str | optuna.storages.BaseStorage | None,
+    study_name: str | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
+    """Rebuild the checkpointed study in ``storage`` (trials added in number order, so numbers match).
+
+    If the target study already holds trials, they must be a prefix of the checkpoint (same numbers,
+    states, params and values); only the missing trials are added. A name that differs from the
+    checkpoint's raises ValueError.
+    """
+    name = doc["study_name"]
+    if study_name is not None and study_name != name:
+        raise ValueError(f"checkpoint holds study {name!r}, not {study_name!r}")
+    study = optuna.create_study(
+        storage=storage, study_name=name, directions=doc["directions"], sampler=sampler, pruner=pruner,
+        load_if_exists=True)
+    for key, value in doc["study_user_attrs"].items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    existing = study.get_trials(deepcopy=False)
+    trials = [trial_from_dict(t) for t in doc["trials"]]
+    for old, new in zip(existing, trials, strict=False):
+        if (old.params, old.values, old.state) != (new.params, new.values, new.state):
+            raise ValueError(f"study {name!r} in the target storage diverges from the checkpoint at trial "
+                             f"{old.number}; load into an empty storage or another study name")
+    study.add_trials(trials[len(existing):])
+    return study

@@ -1,0 +1,160 @@
+"""Optimisation report of a campaign (SPEC §5, seed V-MIN-2): text, a JSON-able summary for Dagster
+metadata, and PNG plots (optimisation history, importances, parallel coordinates)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+
+@dataclass(frozen=True)
+class OptimizationReport:
+    study: str
+    tier: str
+    n_trials: int
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best_value: float | None
+    best_trial: int | None
+    best_params: dict[str, Any]
+    importances: dict[str, float]
+    importance_method: str
+    convergence: list[float]
+    wall_time_s: float
+    text: str
+    plots: dict[str, str] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """JSON-able summary (what a Dagster asset puts in its metadata)."""
+        return {
+            "study": self.study, "tier": self.tier, "n_trials": self.n_trials, "n_complete": self.n_complete,
+            "n_pruned": self.n_pruned, "n_failed": self.n_failed, "best_value": self.best_value,
+            "best_trial": self.best_trial, "best_params": self.best_params, "importances": self.importances,
+            "importance_method": self.importance_method, "convergence": self.convergence,
+            "wall_time_s": self.wall_time_s, "plots": self.plots,
+        }
+
+
+def convergence_curve(study: optuna.Study) -> list[float]:
+    """Best objective so far after each trial (NaN before the first complete trial), by trial number."""
+    best, out = math.inf, []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            best = min(best, t.value)
+        out.append(best if math.isfinite(best) else math.nan)
+    return out
+
+
+def param_importances(study: optuna.Study, *, seed: int = 0) -> tuple[dict[str, float], str]:
+    """fANOVA importances (needs scikit-learn), PED-ANOVA otherwise; empty when too few trials."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}, "none (fewer than 2 complete trials)"
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
+
+    attempts = [("fanova", lambda: FanovaImportanceEvaluator(seed=seed)), ("ped-anova", PedAnovaImportanceEvaluator)]
+    for name, make in attempts:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                imp = get_param_importances(study, evaluator=make())
+            return {k: float(v) for k, v in imp.items()}, name
+        except (ImportError, RuntimeError, ValueError):
+            continue
+    return {}, "none (importance evaluators failed)"
+
+
+def _plot(kind: str, study: optuna.Study, path: Path, importances_method: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna.visualization.matplotlib is marked experimental
+        try:
+            if kind == "history":
+                ax = ovm.plot_optimization_history(study)
+            elif kind == "importances":
+                from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+                ev = FanovaImportanceEvaluator(seed=0) if importances_method == "fanova" else PedAnovaImportanceEvaluator()
+                ax = ovm.plot_param_importances(study, evaluator=ev)
+            else:
+                ax = ovm.plot_parallel_coordinate(study)
+        except (ValueError, RuntimeError, ImportError):
+            plt.close("all")
+            return False
+    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    fig.set_size_inches(10, 6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def render_text(r: OptimizationReport) -> str:
+    lines = [
+        "USP meta-optimisation report",
+        f"study: {r.study}",
+        f"tier: {r.tier}",
+        f"trials: {r.n_trials} (complete {r.n_complete}, pruned {r.n_pruned}, failed {r.n_failed})",
+        f"best value: {r.best_value!r} (trial {r.best_trial})",
+        f"wall time: {r.wall_time_s:.1f} s",
+        "",
+        "best params:",
+        *(f"  {k:32s} = {v!r}" for k, v in sorted(r.best_params.items())),
+        "",
+        f"parameter importances ({r.importance_method}):",
+        *(f"  {k:32s} {v:.4f}" for k, v in sorted(r.importances.items(), key=lambda kv: -kv[1])),
+        "",
+        "convergence (best value after trial n):",
+        *(f"  {n:5d} {v:.6g}" for n, v in enumerate(r.convergence) if n % max(1, len(r.convergence) // 20) == 0
+          or n == len(r.convergence) - 1),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(study: optuna.Study, *, tier: str, wall_time_s: float, out_dir: str | Path | None = None,
+                 seed: int = 0) -> OptimizationReport:
+    """The report; with ``out_dir``, also ``report.txt``, ``report.json`` and the PNG plots there."""
+    trials = study.get_trials(deepcopy=False)
+    count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    importances, method = param_importances(study, seed=seed)
+    fields = dict(
+        study=study.study_name, tier=tier, n_trials=len(trials), n_complete=count(TrialState.COMPLETE),
+        n_pruned=count(TrialState.PRUNED), n_failed=count(TrialState.FAIL),
+        best_value=None if best is None else float(best.value), best_trial=None if best is None else best.number,
+        best_params={} if best is None else dict(best.user_attrs.get("config_params", best.params)),
+        importances=importances, importance_method=method, convergence=convergence_curve(study),
+        wall_time_s=float(wall_time_s),
+    )
+    report = OptimizationReport(**fields, text="")
+    plots: dict[str, str] = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if complete:
+            for kind in ("history", "importances", "parallel_coordinates"):
+                if kind == "importances" and not importances:
+                    continue
+                path = out / f"{kind}.png"
+                if _plot(kind, study, path, method):
+                    plots[kind] = str(path)
+    report = OptimizationReport(**fields, text="", plots=plots)
+    report = OptimizationReport(**fields, text=render_text(report), plots=plots)
+    if out_dir is not None:
+        (Path(out_dir) / "report.txt").write_text(report.text)
+        (Path(out_dir) / "report.json").write_text(json.dumps(report.to_metadata(), indent=1, default=str))
+    return report

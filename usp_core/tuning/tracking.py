@@ -1,0 +1,151 @@
+"""Thin MLflow tracking of tuning campaigns (SPEC §5): one parent run per campaign, one nested child
+run per trial. Uses ``MlflowClient`` only (no global active-run state), so it is safe from threads and
+from several worker processes.
+
+Metric names are fixed per tier (``objective``, ``fold_objective`` with step = fold index, ``best_value``)
+so campaigns of a tier compare side by side in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def dagster_home() -> Path:
+    """``$DAGSTER_HOME`` or ``<repo>/dagster_home`` (the embedded default of SPEC §1)."""
+    return Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / "dagster_home").resolve()
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` or a SQLite store under ``dagster_home/mlflow`` (MLflow 3's robust
+    local backend; the file store is deprecated)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = dagster_home() / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts next to a local SQLite store; servers choose their own."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def git_sha(root: Path = REPO_ROOT) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _param_value(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class CampaignTracker:
+    """MLflow runs of one campaign. ``start_campaign`` makes (or, on resume, re-opens) the parent run."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "usp-tuning",
+                 artifact_location: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_name = experiment
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=artifact_location or default_artifact_root(self.tracking_uri))
+            except Exception:  # another worker created it first
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                self.experiment_id = found.experiment_id
+        else:
+            self.experiment_id = found.experiment_id
+        self.parent_run_id: str | None = None
+
+    def start_campaign(self, name: str, tags: Mapping[str, Any]) -> str:
+        """The parent run of campaign ``name`` (tag ``usp.campaign_run``); reused when still open so
+        that a resumed or multi-worker campaign keeps one parent run."""
+        query = (f"tags.`usp.study` = '{tags.get('study', name)}' and attributes.status = 'RUNNING' "
+                 f"and tags.`usp.kind` = 'campaign'")
+        open_runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        if open_runs:
+            self.parent_run_id = open_runs[0].info.run_id
+        else:
+            run_tags = {f"usp.{k}": str(v) for k, v in tags.items()}
+            run_tags["usp.kind"] = "campaign"
+            run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=name)
+            self.parent_run_id = run.info.run_id
+        return self.parent_run_id
+
+    def log_trial(self, number: int, *, params: Mapping[str, Any], state: str, value: float | None,
+                  fold_values: Sequence[float], config_version: str, seconds: float,
+                  user_tags: Mapping[str, Any] | None = None) -> str:
+        """One nested child run per trial (already finished: logged in one batch)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        assert self.parent_run_id is not None, "start_campaign first"
+        now = int(time.time() * 1000)
+        tags = {"mlflow.parentRunId": self.parent_run_id, "usp.kind": "trial", "usp.trial": str(number),
+                "usp.state": state, "usp.config_version": config_version}
+        tags.update({f"usp.{k}": str(v) for k, v in (user_tags or {}).items()})
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial-{number:05d}")
+        metrics = [Metric("fold_objective", float(v), now, step) for step, v in enumerate(fold_values)]
+        if value is not None:
+            metrics.append(Metric("objective", float(value), now, 0))
+        metrics.append(Metric("trial_seconds", float(seconds), now, 0))
+        self.client.log_batch(run.info.run_id, metrics=metrics,
+                              params=[Param(k, _param_value(v)) for k, v in sorted(params.items())],
+                              tags=[RunTag("usp.trial_number", str(number))])
+        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}.get(state, "FINISHED")
+        self.client.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+    def log_progress(self, *, best_value: float | None, n_finished: int, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric("n_finished_trials", float(n_finished), now, step)]
+        if best_value is not None:
+            metrics.append(Metric("best_value", float(best_value), now, step))
+        self.client.log_batch(self.parent_run_id, metrics=metrics)
+
+    def finish_campaign(self, *, best_params: Mapping[str, Any] | None, best_value: float | None,
+                        summary: Mapping[str, Any], artifacts: Sequence[Path] = (), status: str = "FINISHED") -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        assert self.parent_run_id is not None
+        now = int(time.time() * 1000)
+        params = [Param(f"best.{k}", _param_value(v)) for k, v in sorted((best_params or {}).items())]
+        existing = self.client.get_run(self.parent_run_id).data.params
+        params = [p for p in params if p.key not in existing]  # MLflow params are write-once: tags follow resumes
+        tags = [RunTag(f"usp.best.{k}", _param_value(v)) for k, v in sorted((best_params or {}).items())]
+        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items() if isinstance(v, int | float)]
+        if best_value is not None:
+            metrics.append(Metric("final_best_value", float(best_value), now, 0))
+        self.client.log_batch(self.parent_run_id, metrics=metrics, params=params, tags=tags)
+        for path in artifacts:
+            self.client.log_artifact(self.parent_run_id, str(path), artifact_path="report")
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+    def run_url(self) -> str:
+        base = self.tracking_uri if self.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
+
+    def list_artifacts(self, path: str = "report") -> list[str]:
+        return [a.path for a in self.client.list_artifacts(self.parent_run_id, path)]

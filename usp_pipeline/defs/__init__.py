@@ -1,0 +1,1 @@
+"""Dagster definitions by area: data, backtest, tuning, promotion, inference, common."""

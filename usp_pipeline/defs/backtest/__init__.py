@@ -1,0 +1,1 @@
+"""backtest assets of the USP pipeline."""

@@ -1,0 +1,1 @@
+"""Shared pieces of the pipeline: resources, IO manager, metadata helpers, pools."""

@@ -1,0 +1,189 @@
+"""Calls into usp_core, reshaped into JSON-able values for the IO manager and metadata (no model logic here)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def backtest_summary(cfg, panel: pd.DataFrame) -> dict[str, Any]:
+    """Walk-forward backtest of ``cfg``: aggregate metrics of the USP model and a model-by-metric table."""
+    from usp_core.backtest.runner import run_backtest
+
+    result = run_backtest(cfg, panel)
+    table = result.aggregate.reset_index().rename(columns={"index": "model"})
+    aggregate = {str(k): _finite(v) for k, v in result.aggregate_metrics.items()}
+    return {
+        "config_version": cfg.version,
+        "objective_name": result.objective_name,
+        "objective": _finite(result.objective),
+        "fold_objectives": [_finite(v) for v in result.fold_objectives],
+        "aggregate": {"objective": _finite(result.objective), **aggregate},
+        "table": table.astype({c: "float64" for c in table.columns if c != table.columns[0]}, errors="ignore")
+                      .where(table.notna(), None).to_dict(orient="records"),
+        "series": len(result.series_ids),
+    }
+
+
+def _study_progress(storage_url: str, study_name: str) -> tuple[int, float | None]:
+    import optuna
+    from optuna.trial import TrialState
+
+    from usp_core.tuning.optimizer import make_storage
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=make_storage(storage_url))
+    except KeyError:
+        return 0, None
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return len(trials), (min(values) if values else None)
+
+
+def tuning_summary(
+    cfg,
+    panel: pd.DataFrame,
+    *,
+    tier: str,
+    n_trials: int,
+    workers: int,
+    storage: str,
+    tracking_uri: str,
+    experiment: str,
+    artifact_root: str | None,
+    run_id: str,
+    log: Callable[[str], None],
+    poll_seconds: float = 10.0,
+) -> dict[str, Any]:
+    """Run (or resume) a campaign in a worker thread, logging trials done/total, best so far and ETA."""
+    from usp_core.tuning.campaign import run_campaign
+    from usp_core.tuning.optimizer import MetaOptimizationConfig, study_name_for
+    from usp_core.tuning.tracking import CampaignTracker
+
+    budget = n_trials or MetaOptimizationConfig.from_config(cfg, {"enable_deep_tuning": tier == "deep"}).n_trials
+    campaign = f"{tier}-tuning"
+    study_name = study_name_for(campaign, tier)
+    tracker = CampaignTracker(tracking_uri=tracking_uri, experiment=experiment)
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = run_campaign(cfg, panel, tier=tier, n_trials=budget, storage=storage, workers=workers,
+                                         progress=False, campaign=campaign, tracking=tracker,
+                                         tags={"dagster_run_id": run_id})
+        except BaseException as exc:  # re-raised in the asset's thread
+            box["error"] = exc
+
+    started = time.monotonic()
+    done_before, _ = _study_progress(storage, study_name)
+    log(f"{tier} campaign {study_name}: {done_before}/{budget} trials already finished; storage {storage.split('@')[-1]}")
+    thread = threading.Thread(target=work, name=f"{tier}-campaign", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_seconds)
+        if thread.is_alive():
+            done, best = _study_progress(storage, study_name)
+            rate = (done - done_before) / max(time.monotonic() - started, 1e-9)
+            eta = f"{(budget - done) / rate:.0f}s" if rate > 0 else "unknown"
+            log(f"{tier} campaign: {done}/{budget} trials, best so far {best}, ETA {eta}")
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+    report = result.report
+    import optuna
+    from optuna.trial import TrialState
+
+    from usp_core.tuning.optimizer import make_storage
+
+    study = optuna.load_study(study_name=result.study_name, storage=make_storage(storage))
+    trials = [{"number": t.number, "state": t.state.name, "value": _finite(t.value)}
+              for t in study.get_trials(deepcopy=False)]
+    log(f"{tier} campaign done: {report.n_complete} complete, {report.n_pruned} pruned, best {result.best_value} "
+        f"in {time.monotonic() - started:.1f}s")
+    return {
+        "tier": tier,
+        "study_name": result.study_name,
+        "storage": storage.split("@")[-1],
+        "budget": budget,
+        "n_finished": result.n_finished,
+        "n_complete": report.n_complete,
+        "n_pruned": report.n_pruned,
+        "n_failed": report.n_failed,
+        "best_value": _finite(result.best_value),
+        "best_params": dict(result.best_params),
+        "importances": report.importances,
+        "mlflow_run_id": result.mlflow_run_id,
+        "mlflow_run_url": result.mlflow_run_url,
+        "experiment_id": getattr(tracker, "experiment_id", None),
+        "report_text": report.text,
+        "trials": [t for t in trials if t["state"] != "RUNNING"],
+        "wall_time_s": time.monotonic() - started,
+        "config_version": cfg.version,
+        "completed": trials and all(t["state"] != TrialState.RUNNING.name for t in trials),
+    }
+
+
+def optimization_reports(campaigns: list[dict], *, storage: str, out_dir: Path) -> list[dict[str, Any]]:
+    """Text report and PNG plots (history, importances, parallel coordinates) of each campaign's study."""
+    import optuna
+
+    from usp_core.tuning.optimizer import make_storage
+    from usp_core.tuning.report import build_report
+
+    reports = []
+    for campaign in campaigns:
+        study = optuna.load_study(study_name=campaign["study_name"], storage=make_storage(storage))
+        rep = build_report(study, tier=campaign["tier"], wall_time_s=float(campaign.get("wall_time_s", 0.0)),
+                           out_dir=out_dir / campaign["tier"])
+        reports.append({"tier": campaign["tier"], "study": campaign["study_name"], "text": rep.text,
+                        "plots": dict(rep.plots), "best_value": _finite(rep.best_value),
+                        "mlflow_run_url": campaign.get("mlflow_run_url")})
+    return reports
+
+
+def promotion_gate(champion, challenger, panel: pd.DataFrame) -> dict[str, Any]:
+    """Holdout backtests of both configs and the improvement + Diebold–Mariano decision."""
+    from usp_core.promotion.gate import evaluate_promotion
+
+    decision = evaluate_promotion(champion, challenger, panel).as_dict()
+    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in decision.items()}
+
+
+def apply_promotion(config_path: Path, decision: dict[str, Any], *, changes: dict[str, Any], tracking_uri: str,
+                    run_id: str) -> dict[str, Any]:
+    """Promote (atomic audited rewrite + registry aliases) or record the rejection; returns the outcome."""
+    from usp_core.config import load_config
+    from usp_core.promotion.gate import PromotionDecision
+    from usp_core.promotion.promote import promote
+    from usp_core.promotion.registry import ConfigRegistry
+
+    before = load_config(config_path, environ={})
+    fields = {k: (math.nan if v is None else v) for k, v in decision.items() if k in PromotionDecision.__dataclass_fields__}
+    registry = ConfigRegistry.for_config(config_path, tracking_uri=tracking_uri)
+    outcome = promote(config_path, changes, PromotionDecision(**fields), registry=registry)
+    after = load_config(config_path, environ={})
+    return {
+        "version": after.version,
+        "previous_version": before.version,
+        "promoted": bool(outcome.promoted),
+        "reason": str(outcome.reason),
+        "delta": {k: [before[k], after[k]] for k in changes if k in after and before[k] != after[k]},
+        "mlflow_run_id": outcome.mlflow_run_id,
+        "champion_model_version": outcome.champion_model_version,
+        "challenger_model_version": outcome.challenger_model_version,
+        "dagster_run_id": run_id,
+    }

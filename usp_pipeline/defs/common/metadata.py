@@ -1,0 +1,39 @@
+"""Helpers that turn core results into Dagster metadata (tables a user reads at a glance)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+
+def md_table(frame: pd.DataFrame, *, max_rows: int = 20, floatfmt: str = ".4g") -> dg.MetadataValue:
+    """A markdown table of the first ``max_rows`` rows (no tabulate dependency)."""
+    head = frame.head(max_rows)
+    cols = [str(c) for c in head.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in head.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v, floatfmt) for v in row) + " |")
+    if len(frame) > max_rows:
+        lines.append(f"\n_{len(frame) - max_rows} more rows_")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _fmt(value: Any, floatfmt: str) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else format(value, floatfmt)
+    return str(value)
+
+
+def scalar_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Finite numbers, strings and bools of ``values`` as metadata entries (NaN/None dropped)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, bool | str):
+            out[key] = value
+        elif isinstance(value, int | float) and math.isfinite(float(value)):
+            out[key] = float(value) if isinstance(value, float) else int(value)
+    return out

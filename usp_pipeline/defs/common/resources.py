@@ -1,0 +1,88 @@
+"""Resources: config store, MLflow tracker, Optuna storage, DuckDB, workload sizes.
+
+Every store defaults to an embedded file under ``$DAGSTER_HOME`` and switches to a server by environment
+(``USP_CONFIG_PATH``, ``MLFLOW_TRACKING_URI``, ``USP_OPTUNA_STORAGE``, ``USP_DUCKDB_PATH``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+
+def dagster_home() -> Path:
+    """``$DAGSTER_HOME`` or ``./dagster_home`` (the repo's committed instance directory)."""
+    return Path(os.environ.get("DAGSTER_HOME") or "dagster_home").absolute()
+
+
+class ConfigStoreResource(dg.ConfigurableResource):
+    """The operative ``config.toml`` (source of truth of the champion) and its audit log."""
+
+    config_path: str = ""
+    audit_log: str = ""
+
+    def path(self) -> Path:
+        return Path(self.config_path or os.environ.get("USP_CONFIG_PATH") or "config/config.toml")
+
+    def load(self):
+        from usp_core.config import load_config
+
+        return load_config(self.path())
+
+    def audit_path(self) -> Path:
+        if self.audit_log:
+            return Path(self.audit_log)
+        return Path(self.load()["audit.audit_log"])
+
+
+class MLflowTrackerResource(dg.ConfigurableResource):
+    """Where MLflow runs go (own thin resource: a URI, an experiment and UI links; not dagster-mlflow)."""
+
+    tracking_uri: str = ""
+    experiment: str = "usp-tuning"
+
+    def uri(self) -> str:
+        """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite under ``$DAGSTER_HOME/mlflow/``."""
+        from usp_core.tuning.tracking import default_tracking_uri
+
+        return self.tracking_uri or default_tracking_uri()
+
+
+class OptunaStorageResource(dg.ConfigurableResource):
+    """Optuna storage URL: a JournalStorage file by default, ``sqlite:///`` or ``postgresql://`` by env."""
+
+    url: str = ""
+
+    def storage_url(self) -> str:
+        if self.url or os.environ.get("USP_OPTUNA_STORAGE"):
+            return self.url or os.environ["USP_OPTUNA_STORAGE"]
+        journal = dagster_home() / "optuna" / "journal.log"
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        return f"journal:///{journal}"
+
+
+class DuckDBResource(dg.ConfigurableResource):
+    """The DuckDB file of observations, predictions, predictor states and quarantine."""
+
+    path: str = ""
+
+    def database_path(self) -> Path:
+        return Path(self.path or os.environ.get("USP_DUCKDB_PATH") or dagster_home() / "usp.duckdb")
+
+    def store(self):
+        from usp_core.inference import PredictionStore
+
+        return PredictionStore(self.database_path())
+
+
+class WorkloadResource(dg.ConfigurableResource):
+    """Sizes of a pipeline run; 0 means "all" / "the config's value". The demo sets small ones."""
+
+    max_series: int = 0
+    max_length: int = 0
+    fast_trials: int = 0
+    deep_trials: int = 0
+    workers: int = 1
+    incoming_dir: str = "data/incoming"

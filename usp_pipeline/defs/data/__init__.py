@@ -1,0 +1,1 @@
+"""data assets of the USP pipeline."""

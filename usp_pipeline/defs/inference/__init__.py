@@ -1,0 +1,1 @@
+"""inference assets of the USP pipeline."""

@@ -1,0 +1,52 @@
+"""Predictions in DuckDB, produced by the inference job whenever a file lands in data/incoming/ (SPEC §7)."""
+
+import dagster as dg
+
+from usp_pipeline.defs.common.metadata import md_table
+from usp_pipeline.defs.common.pools import DUCKDB_WRITER_POOL
+from usp_pipeline.defs.common.resources import ConfigStoreResource, DuckDBResource
+
+GROUP = "inference"
+
+
+class IncomingFileConfig(dg.Config):
+    """The observation file (CSV or Parquet with series_id, ts, value) to predict from."""
+
+    path: str
+    sha256: str = ""
+
+
+@dg.asset(group_name=GROUP, kinds={"duckdb", "jax"}, pool=DUCKDB_WRITER_POOL, deps=["champion_config"])
+def predictions(
+    context: dg.AssetExecutionContext,
+    config: IncomingFileConfig,
+    config_store: ConfigStoreResource,
+    duckdb: DuckDBResource,
+) -> dg.MaterializeResult:
+    """One-step-ahead forecasts per (series_id, ts, horizon, config_version), written with predictor states."""
+    from usp_core.inference import run_inference
+
+    cfg = config_store.load()
+    store = duckdb.store()
+    result = run_inference(config.path, cfg, store, run_id=context.run.run_id, log=context.log.info)
+    if result.sha256 and config.sha256 and result.sha256 != config.sha256:
+        context.log.warning(f"{config.path} changed since the sensor saw it ({config.sha256[:12]} -> {result.sha256[:12]})")
+    reasons = result.quarantine_reasons
+    return dg.MaterializeResult(
+        metadata={
+            "source": dg.MetadataValue.path(config.path),
+            "source_sha256": result.sha256,
+            "config_version": cfg.version,
+            "rows": result.rows,
+            "quarantined_rows": result.quarantined,
+            "skipped_already_processed": result.skipped,
+            "predictions_written": result.predictions_written,
+            "states_written": result.states_written,
+            "new_series": result.new_series,
+            "series": result.series,
+            "predictions_total": store.count("predictions"),
+            "quarantine_reasons": dg.MetadataValue.json(reasons),
+            "database": dg.MetadataValue.path(str(store.path)),
+            "sample": md_table(result.sample, max_rows=10) if result.sample is not None else "none",
+        },
+    )

@@ -1,0 +1,1 @@
+"""promotion assets of the USP pipeline."""

@@ -1,0 +1,1 @@
+"""tuning assets of the USP pipeline."""
