@@ -96,9 +96,6 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
     entropy, _ = _entropy_metadata(meta, dtype)
     epsilon = fusion.sinkhorn_epsilon(volatility, params["sinkhorn_epsilon_0"], params["sinkhorn_epsilon_min"],
                                       params["sinkhorn_alpha"])
-    emergency = gate.emergency_update(jnp.asarray(False), holder, holder_threshold=params["holder_threshold"],
-                                      holder_hysteresis=params["holder_hysteresis"],
-                                      dimension_threshold=params["robustness_dimension_threshold"])
     zero_f = jnp.zeros((), dtype)
     zero_i = jnp.zeros((), jnp.int64)
     false = jnp.asarray(False)
@@ -112,7 +109,8 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
         kurtosis=params["kurtosis_reference"].astype(dtype), volatility=volatility, epsilon=epsilon,
         holder_exponent=holder, dgm_entropy=entropy, dgm_entropy_baseline=entropy,
         degraded=false, clean_streak=zero_i, frozen=false, reference_variance=jnp.var(window),
-        emergency=emergency, collapse_streak=zero_i, last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
+        emergency=jnp.asarray(False), collapse_streak=zero_i,
+        last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
         steps=zero_i, key=key, kernel_carries=carries, telemetry=_zero_telemetry(),
     )
     return state, _output_of(state, params, rejected=false, regime_change=false, outlier=false, stale=false,
@@ -183,6 +181,12 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     degraded, clean_streak = gate.degraded_hysteresis(decision.stale | decision.gap | frozen, state.degraded,
                                                       state.clean_streak, params["frozen_signal_recovery_steps"])
 
+    # emergency from the Hoelder exponent of the previous step's window (known before y_t arrives)
+    emergency = gate.emergency_update(state.emergency, state.holder_exponent,
+                                      holder_threshold=params["holder_threshold"],
+                                      holder_hysteresis=params["holder_hysteresis"],
+                                      dimension_threshold=params["robustness_dimension_threshold"])
+
     # 5. weights: loss-based Gibbs target, Sinkhorn transport, JKO step, precedence table (SPEC §3.8)
     epsilon = fusion.sinkhorn_epsilon(volatility, params["sinkhorn_epsilon_0"], params["sinkhorn_epsilon_min"],
                                       params["sinkhorn_alpha"])
@@ -196,7 +200,7 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     rate = 2.0 / (jko.window.astype(dtype) + 1.0)
     kernel_loss = jnp.where(cu.regime_change, 0.0, (1 - rate) * state.kernel_loss + rate * step_losses)
     target = fusion.gibbs_target(kernel_loss, params["fusion_temperature"])
-    use_huber = state.emergency | (static.sinkhorn_cost_type == "huber")
+    use_huber = emergency | (static.sinkhorn_cost_type == "huber")
     cost = fusion.transport_cost((state.kernel_predictions - jnp.mean(state.window)) / scale, use_huber,
                                  params["sinkhorn_huber_delta"])
     transport = fusion.sinkhorn(state.weights, target, cost, epsilon, num_iters=static.sinkhorn_max_iter,
@@ -204,7 +208,7 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     jko_weights = fusion.jko_update(state.weights, transport.plan, jko.tau)
     emergency_weights = jnp.zeros((NUM_KERNELS,), dtype).at[-1].set(1.0)
     uniform = jnp.full((NUM_KERNELS,), 1.0 / NUM_KERNELS, dtype)
-    force_d = state.emergency & static.robustness_force_kernel_d
+    force_d = emergency & static.robustness_force_kernel_d
     frozen_weights = (state.grace > 0) | degraded
     weights = jnp.where(force_d, emergency_weights,
                         jnp.where(cu.regime_change, uniform, jnp.where(frozen_weights, state.weights, jko_weights)))
@@ -220,9 +224,6 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
 
     # 7. adaptive layer for the next step
     holder = meta.get("holder_exponent", state.holder_exponent)
-    emergency = gate.emergency_update(state.emergency, holder, holder_threshold=params["holder_threshold"],
-                                      holder_hysteresis=params["holder_hysteresis"],
-                                      dimension_threshold=params["robustness_dimension_threshold"])
     entropy, collapsed = _entropy_metadata(meta, dtype)
     collapse_streak = jnp.where(collapsed, state.collapse_streak + 1, 0)
     patience = adaptive.mode_collapse_patience(jko.window, min_threshold=params["mode_collapse_min_threshold"],

@@ -125,6 +125,33 @@ def _output_rows(out, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.asarray(getattr(out, name))[idx] for name in out._fields}
 
 
+_SENTINEL = "\x00usp-sentinel"
+
+
+def _validate(validate, raw: pd.DataFrame, last_ts: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Row-level validation (history length is checked here, against stored history too). A valid sentinel row
+    is appended so that the schema never sees an empty clean frame (its per-series check fails on one)."""
+    sentinel = pd.DataFrame({"series_id": [_SENTINEL], "ts": ["2262-01-01T00:00:00Z"], "value": ["0"]})
+    good, quarantine = validate(pd.concat([raw.loc[:, ["series_id", "ts", "value"]], sentinel], ignore_index=True),
+                                0, last_ts=last_ts)
+    return good[good["series_id"] != _SENTINEL].reset_index(drop=True), quarantine
+
+
+def _split_replayed(quarantine: pd.DataFrame, history: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Drop rows that repeat a stored observation exactly (same series, ts and value): a replayed or extended
+    file is not bad data. A stored (series_id, ts) with a different value stays quarantined."""
+    if quarantine.empty or history.empty:
+        return quarantine, 0
+    candidates = quarantine["reason"].isin(["duplicate", "out_of_order"])
+    ts = pd.to_datetime(quarantine["ts"], utc=True, errors="coerce", format="mixed").dt.tz_localize(None)
+    value = pd.to_numeric(quarantine["value"], errors="coerce")
+    stored = history.set_index(["series_id", "ts"])["value"]
+    key = pd.MultiIndex.from_arrays([quarantine["series_id"].astype(str).str.strip(), ts])
+    stored_value = stored.reindex(key).to_numpy()
+    replayed = candidates.to_numpy() & (stored_value == value.to_numpy())
+    return quarantine[~replayed].reset_index(drop=True), int(replayed.sum())
+
+
 def run_inference(
     path: str | Path,
     cfg: PredictorConfig,
@@ -154,7 +181,8 @@ def run_inference(
     file_ids = sorted(set(raw["series_id"].dropna().astype(str).str.strip()) - {""})
     history = store.load_history(file_ids)
     last_stored = history.groupby("series_id")["ts"].max().to_dict() if len(history) else {}
-    good, quarantine = validate_observations(raw, 0, last_ts=last_stored)
+    good, quarantine = _validate(validate_observations, raw, last_stored)
+    quarantine, skipped = _split_replayed(quarantine, history)
     states = store.load_states(cfg.version, sorted(set(good["series_id"])))
     log(f"{path.name}: {len(raw)} rows, {len(good)} valid, {len(quarantine)} quarantined; "
         f"{len(states)} series with a stored state for config {cfg.version}")
@@ -277,7 +305,7 @@ def run_inference(
     reasons = quarantine["reason"].value_counts().to_dict() if len(quarantine) else {}
     return InferenceResult(
         source=str(path), sha256=sha, config_version=cfg.version, rows=len(raw), good_rows=len(good),
-        quarantined=len(quarantine), skipped=int(reasons.get("duplicate", 0)),
+        quarantined=len(quarantine), skipped=skipped,
         predictions_written=counts.predictions, states_written=counts.states, series=len(final_states),
         new_series=len(init_ids), quarantine_reasons={str(k): int(v) for k, v in reasons.items()},
         sample=predictions.drop(columns=["flags", "weights"]).head(10) if len(predictions) else None,

@@ -80,10 +80,12 @@ def fit_ridge(gram: Float[Array, "m m"], y: Float[Array, " m"], ratio: Float[Arr
 
 
 def krr_forecast(z: Float[Array, " n"], static, params) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """One-step forecast and predictive std on the z scale. The regression target is the next increment,
-    so far from the training inputs the forecast falls back to the last value."""
+    """One-step forecast and predictive std on the z scale. With ``kernel_a_target = "increment"`` the
+    regression target is the next increment, so far from the training inputs (trends, random walks) the
+    forecast falls back to the last value; with "level" it is the next value (better on stationary
+    oscillations, worse on persistent series)."""
     x, target, query = delay_embed(z, static.kernel_a_embedding_dim)
-    persistence = 0.0
+    persistence = 1.0 if static.kernel_a_target == "increment" else 0.0
     y = target - persistence * x[:, -1]
     sq = gaussian_gram(x, x)
     bandwidth = params["kernel_a_bandwidth"] * median_bandwidth(sq, params["numerical_epsilon"])

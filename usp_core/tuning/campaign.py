@@ -81,6 +81,7 @@ def run_campaign(
     checkpoint_path: str | os.PathLike[str] | None = None,
     tags: dict[str, Any] | None = None,
     evaluator: Any = None,
+    report_dir: str | os.PathLike[str] | None = None,
 ) -> CampaignResult:
     """Run (or resume) a tuning campaign until the study holds ``n_trials`` finished trials in total.
 
@@ -120,7 +121,7 @@ def run_campaign(
                 bar.update(opt.n_finished() - bar.n)
                 bar.close()
         opt.wait_all_saves()
-        report = opt.generate_optimization_report()
+        report = opt.generate_optimization_report(report_dir)
         return CampaignResult(
             study_name=opt.study_name, storage=storage_url, tier=tier, n_finished=opt.n_finished(),
             best_value=opt.best_value(), best_params=opt.best_params(), best_config=opt.best_config(), report=report,

@@ -58,7 +58,11 @@ def param_importances(study: optuna.Study, *, seed: int = 0) -> tuple[dict[str, 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return {}, "none (fewer than 2 complete trials)"
-    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
+    from optuna.importance import (
+        FanovaImportanceEvaluator,
+        PedAnovaImportanceEvaluator,
+        get_param_importances,
+    )
 
     attempts = [("fanova", lambda: FanovaImportanceEvaluator(seed=seed)), ("ped-anova", PedAnovaImportanceEvaluator)]
     for name, make in attempts:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -287,3 +286,18 @@ def test_budget_is_a_total_and_requeues_dead_workers_trials(tmp_path):
     study = opt.study
     assert sorted(t.number for t in study.trials if t.state.is_finished()) == list(range(10))
     assert study.trials[ghost.number].state == TrialState.COMPLETE
+
+
+def test_run_campaign_resumes_a_total_budget(tmp_path, capsys):
+    from usp_core.tuning import run_campaign
+
+    cfg = PredictorConfig.default().replace({"meta_optimization.batch_size": 4})
+    url = f"journal:///{tmp_path / 'j.log'}"
+    kw = dict(tier="fast", storage=url, tracking=False, evaluator=fake_evaluator, campaign="cli",
+              report_dir=tmp_path / "report")
+    first = run_campaign(cfg, np.zeros((1, 10)), n_trials=6, progress=True, **kw)
+    assert first.n_finished == 6 and first.report.n_trials == 6
+    second = run_campaign(cfg, np.zeros((1, 10)), n_trials=10, progress=False, checkpoint_path=tmp_path / "c.json", **kw)
+    assert second.n_finished == 10 and second.study_name == first.study_name == study_name_for("cli", "fast")
+    assert second.best_config["orchestration.cusum_k"] == second.best_params["cusum_k"]
+    assert "fast tuning" in capsys.readouterr().err  # tqdm progress bar

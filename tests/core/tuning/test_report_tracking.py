@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_campaigns import fake_evaluator  # noqa: E402
 
 import usp_core  # noqa: F401
 from usp_core.tuning.optimizer import BayesianMetaOptimizer
 from usp_core.tuning.tracking import CampaignTracker
-
-from test_campaigns import fake_evaluator  # noqa: E402
 
 
 @pytest.mark.slow

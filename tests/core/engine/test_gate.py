@@ -1,0 +1,90 @@
+"""Ingestion gate and operating modes (SPEC §3.7)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from usp_core.engine import gate
+
+
+def test_degraded_hysteresis_known_answer():
+    degraded, streak, seen = jnp.asarray(False), jnp.asarray(0), []
+    for bad in [True, False, False, False]:
+        degraded, streak = gate.degraded_hysteresis(jnp.asarray(bad), degraded, streak, 2)
+        seen.append(bool(degraded))
+    assert seen == [True, True, False, False]
+
+
+def test_degraded_counter_resets_on_any_degradation():
+    degraded, streak, seen = jnp.asarray(False), jnp.asarray(0), []
+    for bad in [True, False, True, False, False, False]:
+        degraded, streak = gate.degraded_hysteresis(jnp.asarray(bad), degraded, streak, 2)
+        seen.append(bool(degraded))
+    assert seen == [True, True, True, True, False, False]
+
+
+def _decide(y, ts=10, now=10, last=9, **kw):
+    window = jnp.asarray(np.random.default_rng(0).normal(size=64))
+    args = dict(outlier_z_threshold=10.0, staleness_ttl_ns=0, max_gap_ns=0) | kw
+    return gate.gate_observation(jnp.asarray(y), jnp.asarray(ts), jnp.asarray(now), jnp.asarray(last), window, **args)
+
+
+@pytest.mark.parametrize("y", [np.nan, np.inf, -np.inf])
+def test_non_finite_is_rejected(y):
+    d = _decide(y)
+    assert bool(d.rejected) and bool(d.non_finite) and not bool(d.outlier)
+
+
+def test_outlier_is_rejected_by_robust_z():
+    assert bool(_decide(1e6).outlier) and bool(_decide(1e6).rejected)
+    assert not bool(_decide(2.0).rejected)
+
+
+def test_outlier_rule_is_scale_free():
+    window = jnp.asarray(np.random.default_rng(0).normal(size=64))
+    z1 = gate.robust_z(jnp.asarray(3.0), window)
+    z2 = gate.robust_z(jnp.asarray(3.0 * 1e4 + 7), window * 1e4 + 7)
+    assert float(z1) == pytest.approx(float(z2), rel=1e-9)
+
+
+def test_constant_window_does_not_reject_everything():
+    assert float(gate.robust_z(jnp.asarray(5.0), jnp.ones(64))) == 0.0
+
+
+def test_stale_and_gap_are_separate_notions_and_accepted():
+    stale = _decide(0.1, ts=10, now=100, last=9, staleness_ttl_ns=50)
+    assert bool(stale.stale) and not bool(stale.gap) and not bool(stale.rejected)
+    gap = _decide(0.1, ts=100, now=100, last=9, max_gap_ns=50)
+    assert bool(gap.gap) and not bool(gap.stale) and not bool(gap.rejected)
+    off = _decide(0.1, ts=100, now=10**6, last=9)
+    assert not bool(off.gap) and not bool(off.stale)
+
+
+@pytest.mark.parametrize("ts", [9, 5])
+def test_duplicate_or_out_of_order_timestamp_is_rejected(ts):
+    d = _decide(0.1, ts=ts, now=ts, last=9)
+    assert bool(d.rejected) and bool(d.out_of_order)
+
+
+def test_frozen_detection_and_recovery():
+    window = jnp.concatenate([jnp.asarray(np.random.default_rng(0).normal(size=59)), jnp.full(5, 2.0)])
+    assert bool(gate.is_frozen(window, 5)) and not bool(gate.is_frozen(window, 6))
+    moved = window.at[-1].set(3.0)
+    assert bool(gate.has_recovered(moved, 2, jnp.asarray(1.0), 0.1))
+    assert not bool(gate.has_recovered(window, 2, jnp.asarray(1.0), 0.1))
+
+
+def test_emergency_enters_and_exits_with_hysteresis():
+    kw = dict(holder_threshold=0.4, holder_hysteresis=0.05, dimension_threshold=1.9)
+    e = jnp.asarray(False)
+    seen = []
+    for h in [0.5, 0.35, 0.42, 0.44, 0.46, 0.41]:
+        e = gate.emergency_update(e, jnp.asarray(h), **kw)
+        seen.append(bool(e))
+    assert seen == [False, True, True, True, False, False]
+    assert bool(gate.emergency_update(jnp.asarray(False), jnp.asarray(0.05), **(kw | {"holder_threshold": 0.0})))
+
+
+def test_operating_mode_priority():
+    assert [int(gate.operating_mode(jnp.asarray(e), jnp.asarray(d))) for e, d in
+            [(False, False), (False, True), (True, False), (True, True)]] == [0, 1, 2, 2]

@@ -1,0 +1,183 @@
+"""Properties of the whole predictor (SPEC §3.3): causality, equivariance, determinism, vmap parity,
+step == run, simplex, no recompilation on dynamic changes, snapshot/restore."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from usp_core import Predictor
+from usp_core.engine import snapshot
+from usp_core.engine.fusion import simplex_violation
+from usp_core.engine.predictor import compile_counts
+
+T, B = 96, 3
+FLOAT_FIELDS = ("prediction", "lower", "upper", "sigma")
+EXACT_FIELDS = ("mode", "regime_change", "degraded", "emergency", "rejected")
+
+pytestmark = pytest.mark.xdist_group("predictor")
+
+
+@pytest.fixture(scope="module")
+def predictor(small_config):
+    return Predictor(small_config)
+
+
+def _panel(seed, b=B, t=T):
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.normal(size=(b, t)), axis=1) + 10.0
+
+
+def _assert_same(a, b, upto=None):
+    for name in a._fields:
+        x, y = getattr(a, name), getattr(b, name)
+        if upto is not None:
+            x, y = x[..., :upto], y[..., :upto]
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_alignment_and_shapes(predictor):
+    out = predictor.run(_panel(0))
+    m = predictor.min_history
+    assert out.prediction.shape == (B, T) and out.weights.shape == (B, T, 4)
+    assert np.isnan(out.prediction[:, : m - 1]).all() and np.isfinite(out.prediction[:, m - 1:]).all()
+    assert (out.mode[:, : m - 1] == -1).all() and not out.regime_change[:, : m - 1].any()
+    assert (out.lower <= out.prediction).all() or np.isnan(out.prediction).any()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), cut=st.integers(40, T - 2), bad=st.sampled_from([np.nan, 1e6, -3.0, 0.0]))
+def test_causality_future_values_never_change_the_past(predictor, seed, cut, bad):
+    x = _panel(seed, b=1)[0]
+    y = x.copy()
+    y[cut + 1:] = bad if not np.isfinite(bad) or abs(bad) > 1 else y[cut + 1:] * bad
+    _assert_same(predictor.run(x), predictor.run(y), upto=cut + 1)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), a=st.floats(1e-2, 1e3), b=st.floats(-1e3, 1e3))
+def test_scale_and_shift_equivariance(predictor, seed, a, b):
+    x = _panel(seed, b=1)[0]
+    base, moved = predictor.run(x), predictor.run(a * x + b)
+    for name in FLOAT_FIELDS:
+        np.testing.assert_allclose(getattr(moved, name), a * getattr(base, name) + (0 if name == "sigma" else b),
+                                   rtol=1e-6, atol=1e-6 * (abs(b) + a), err_msg=name)
+    for name in EXACT_FIELDS:
+        np.testing.assert_array_equal(getattr(moved, name), getattr(base, name), err_msg=name)
+    np.testing.assert_allclose(moved.weights, base.weights, atol=1e-6)
+
+
+def test_determinism(predictor):
+    x = _panel(5)
+    _assert_same(predictor.run(x), predictor.run(x))
+
+
+def test_vmap_parity(predictor):
+    x = _panel(6)
+    together = predictor.run(x)
+    for i in range(B):
+        alone = predictor.run(x[i])
+        for name in FLOAT_FIELDS + ("weights", "kernel_predictions"):
+            np.testing.assert_allclose(getattr(together, name)[i], getattr(alone, name), rtol=1e-12, atol=1e-12,
+                                       err_msg=name)
+        for name in EXACT_FIELDS:
+            np.testing.assert_array_equal(getattr(together, name)[i], getattr(alone, name), err_msg=name)
+
+
+def test_step_loop_equals_run(predictor):
+    x = _panel(7, b=1)[0][:70]
+    out = predictor.run(x, bucket=False)
+    m = predictor.min_history
+    state = predictor.init(x[:m])
+    for t in range(m, x.size):
+        res, state = predictor.step(state, x[t], timestamp_ns=t)
+        for name in FLOAT_FIELDS:
+            np.testing.assert_allclose(getattr(res, name), getattr(out, name)[t], rtol=1e-9, err_msg=f"{name}@{t}")
+        np.testing.assert_allclose(res.weights, out.weights[t], rtol=1e-9, atol=1e-12)
+
+
+def test_weights_stay_on_the_simplex(predictor):
+    out = predictor.run(_panel(8))
+    w = out.weights[:, predictor.min_history - 1:]
+    assert float(np.max(simplex_violation(jnp.asarray(w)))) <= 1e-10
+
+
+def test_dynamic_parameter_changes_do_not_recompile(predictor, small_config):
+    x = _panel(9)
+    predictor.run(x)
+    before = compile_counts()["run"]
+    changed = Predictor(small_config.replace({"orchestration.cusum_k": 0.8, "kernels.kernel_ridge_lambda": 1e-3,
+                                              "orchestration.sinkhorn_alpha": 0.9}))
+    out = changed.run(x)
+    assert compile_counts()["run"] == before
+    assert not np.array_equal(out.prediction, predictor.run(x).prediction, equal_nan=True)
+
+
+def test_snapshot_restore_mid_run_is_exact(predictor, small_config, tmp_path):
+    x = _panel(10, b=1)[0][:70]
+    m = predictor.min_history
+    state = predictor.init(x[:m])
+    straight = []
+    for t in range(m, x.size):
+        res, state = predictor.step(state, x[t], timestamp_ns=t)
+        straight.append(res)
+    store = snapshot.SnapshotStore(tmp_path, keep=2)
+    state = predictor.init(x[:m])
+    for t in range(m, m + 10):
+        _, state = predictor.step(state, x[t], timestamp_ns=t)
+    key = snapshot.static_key_of(small_config)
+    path = store.save(state, config_version=small_config.version, static_key=key)
+    restored, header = store.load_latest(predictor.init(x[:m]), static_key=key)
+    assert header["config_version"] == small_config.version
+    for t in range(m + 10, x.size):
+        res, restored = predictor.step(restored, x[t], timestamp_ns=t)
+        for name in res._fields:
+            np.testing.assert_array_equal(getattr(res, name), getattr(straight[t - m], name), err_msg=name)
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x01
+    with pytest.raises(snapshot.SnapshotError, match="digest"):
+        snapshot.decode_state(bytes(blob), state)
+
+
+def test_snapshot_store_falls_back_and_keeps_the_newest(predictor, small_config, tmp_path):
+    x = _panel(11, b=1)[0]
+    state = predictor.init(x[: predictor.min_history])
+    store = snapshot.SnapshotStore(tmp_path, keep=2)
+    paths = [store.save(state, config_version=small_config.version, static_key="k") for _ in range(3)]
+    assert len(store.paths()) == 2 and not paths[0].exists()
+    paths[-1].write_bytes(paths[-1].read_bytes()[:-5])  # newest corrupted -> the previous one is used
+    loaded, _ = store.load_latest(state, static_key="k")
+    np.testing.assert_array_equal(loaded.window, state.window)
+    for p in store.paths():
+        p.write_bytes(b"garbage")
+    assert store.load_latest(state) is None
+
+
+def test_snapshot_hmac(predictor, small_config, monkeypatch):
+    state = predictor.init(_panel(12, b=1)[0][: predictor.min_history])
+    monkeypatch.setenv(snapshot.HMAC_ENV, "secret-a")
+    blob = snapshot.encode_state(state, config_version="v", static_key="k")
+    snapshot.decode_state(blob, state)
+    monkeypatch.setenv(snapshot.HMAC_ENV, "secret-b")
+    with pytest.raises(snapshot.SnapshotError, match="HMAC"):
+        snapshot.decode_state(blob, state)
+
+
+def test_run_trials_matches_individual_runs(predictor, small_config):
+    from usp_core.engine.predictor import stack_params
+
+    x = _panel(13, b=2)
+    cfgs = [small_config, small_config.replace({"orchestration.volatility_alpha": 0.2})]
+    out = predictor.run_trials(x, stack_params(cfgs))
+    for k, c in enumerate(cfgs):
+        single = Predictor(c).run(x)
+        np.testing.assert_allclose(out.prediction[k], single.prediction, rtol=1e-12, atol=1e-12)
+
+
+def test_too_short_input_is_a_clear_error(predictor):
+    with pytest.raises(ValueError, match="min_history"):
+        predictor.run(np.zeros(predictor.min_history - 1))
+    with pytest.raises(ValueError, match="at least"):
+        predictor.init(np.zeros(3))
