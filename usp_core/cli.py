@@ -170,11 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usp", description="Universal Stochastic Predictor: pipeline commands.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def config_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=os.environ.get("USP_CONFIG_PATH", DEFAULT_CONFIG),
+                       help=f"config file (default {DEFAULT_CONFIG} or $USP_CONFIG_PATH)")
+
     def add(name: str, func, help_text: str, *, config: bool = True, panel: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if config:
-            p.add_argument("--config", default=os.environ.get("USP_CONFIG_PATH", DEFAULT_CONFIG),
-                           help=f"config file (default {DEFAULT_CONFIG} or $USP_CONFIG_PATH)")
+            config_option(p)
         if panel:
             p.add_argument("--series", type=int, default=0, help="use the first N bundled series (0: all)")
             p.add_argument("--length", type=int, default=0, help="keep the newest N points per series (0: all)")
@@ -199,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", choices=("fast", "deep"), default="fast")
     p.add_argument("--storage", default=None, help="Optuna storage URL of the campaign")
 
-    p = add("config", cmd_config, "Show, diff or roll back config/config.toml.")
+    p = add("config", cmd_config, "Show, diff or roll back config/config.toml.", config=False)
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the config", description="Print the config (one section).")
     show.add_argument("--section", default=None)
@@ -209,12 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     rb = csub.add_parser("rollback", help="restore a previous config atomically (audited)",
                          description="Restore a previous config atomically; re-points the registry alias.")
     rb.add_argument("--to", default=None, metavar="VERSION", help="config version to restore (default: previous)")
+    for leaf in (show, diff, rb):
+        config_option(leaf)
 
-    p = add("audit", cmd_audit, "Audit log commands.")
+    p = add("audit", cmd_audit, "Audit log commands.", config=False)
     asub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     verify = asub.add_parser("verify", help="verify the hash chain of the audit log",
                              description="Verify the hash chain of the mutation audit log.")
     verify.add_argument("--log", default=None, help="audit log path (default: audit.audit_log of the config)")
+    config_option(verify)
 
     p = add("predict", cmd_predict, "Predict from an observation file into DuckDB (same path as the sensor).")
     p.add_argument("file", help="CSV or Parquet with columns series_id, ts, value")

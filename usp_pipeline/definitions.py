@@ -22,7 +22,11 @@ from usp_pipeline.defs.common.resources import (
     WorkloadResource,
 )
 from usp_pipeline.defs.common.sensors import run_failure_recorder
-from usp_pipeline.defs.data.assets import raw_observations, validated_observations, validated_observations_schema
+from usp_pipeline.defs.data.assets import (
+    raw_observations,
+    validated_observations,
+    validated_observations_schema,
+)
 from usp_pipeline.defs.inference.assets import predictions
 from usp_pipeline.defs.inference.sensors import incoming_files_sensor
 from usp_pipeline.defs.promotion.assets import challenger_config, champion_config, promotion_decision

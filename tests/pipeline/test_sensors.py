@@ -49,7 +49,6 @@ def test_run_failure_is_recorded(tmp_path, monkeypatch):
 
 def test_promoted_config_sensor_requests_refresh_only_on_promotion():
     from usp_pipeline.definitions import defs
-
     from usp_pipeline.defs.promotion.sensors import promoted_config_sensor as sensor
 
     instance = dg.DagsterInstance.ephemeral()

@@ -67,7 +67,32 @@ def config_reference_markdown() -> str:
     return "\n".join(rows)
 
 
+README_START = "<!-- config-reference:start -->"
+README_END = "<!-- config-reference:end -->"
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the config reference between the README markers; True if the file changed."""
+    from pathlib import Path
+
+    readme = Path(path)
+    text = readme.read_text(encoding="utf-8")
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    new = f"{head}{README_START}\n{config_reference_markdown()}\n{README_END}{tail}"
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return new != text
+
+
 if __name__ == "__main__":
+    import argparse
     import sys
 
-    sys.stdout.write(render_toml())
+    parser = argparse.ArgumentParser(description="Render config/config.toml (stdout) or the README reference.")
+    parser.add_argument("--readme", help="update the config reference block of this README instead")
+    args = parser.parse_args()
+    if args.readme:
+        update_readme(args.readme)
+    else:
+        sys.stdout.write(render_toml())

@@ -1,7 +1,13 @@
 """Inference store and runner: predictions and predictor states in DuckDB (SPEC §7). No Dagster import."""
 
 from usp_core.inference.codec import StateDecodeError, decode_state, encode_state
-from usp_core.inference.runner import InferenceResult, file_sha256, quarantine_records, read_observation_file, run_inference
+from usp_core.inference.runner import (
+    InferenceResult,
+    file_sha256,
+    quarantine_records,
+    read_observation_file,
+    run_inference,
+)
 from usp_core.inference.store import PredictionStore, WriteCounts, resolve_duckdb_path
 
 __all__ = [

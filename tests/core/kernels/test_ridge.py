@@ -15,8 +15,11 @@ from usp_core.kernels import ridge
 KEY = jax.random.key(0)
 
 
+_FORECAST = jax.jit(ridge.forecast, static_argnums=3)  # one compilation per StaticConfig across tests
+
+
 def _forecast(static, params):
-    return jax.jit(lambda w, c: ridge.forecast(w, c, KEY, static, params))
+    return lambda w, c: _FORECAST(w, c, KEY, static, params)
 
 
 def _start(series, static, params):
@@ -77,7 +80,7 @@ PERTURBATIONS = {
     "kernels.kernel_a_embedding_dim": 3,
     "kernels.kernel_a_bandwidth": 2.0,
     "kernels.kernel_ridge_lambda": 1e-2,
-    "kernels.kernel_a_noise_iterations": 0,
+    "kernels.kernel_a_noise_iterations": 3,
     "kernels.kernel_a_target": "level",
     "kernels.wtmm_buffer_size": 192,
     "kernels.wtmm_num_scales": 6,

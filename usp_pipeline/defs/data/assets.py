@@ -4,8 +4,8 @@ import dagster as dg
 import pandas as pd
 
 from usp_pipeline.defs.common.metadata import md_table
-from usp_pipeline.defs.common.resources import ConfigStoreResource, DuckDBResource, WorkloadResource
 from usp_pipeline.defs.common.pools import DUCKDB_WRITER_POOL
+from usp_pipeline.defs.common.resources import ConfigStoreResource, DuckDBResource, WorkloadResource
 
 GROUP = "data"
 
