@@ -11,6 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PG = "postgresql://postgres@127.0.0.1:5432/test"
+# SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; the project ships psycopg2-binary
+PG_SQLALCHEMY = PG.replace("postgresql://", "postgresql+psycopg2://")
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -41,7 +43,7 @@ def pg_schema():
     con.autocommit = True
     for schema in schemas.values():
         con.cursor().execute(f"CREATE SCHEMA {schema}")
-    yield {store: f"{PG}?options=-csearch_path%3D{schema}" for store, schema in schemas.items()}
+    yield {store: f"{PG_SQLALCHEMY}?options=-csearch_path%3D{schema}" for store, schema in schemas.items()}
     for schema in schemas.values():
         con.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
     con.close()

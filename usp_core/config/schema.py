@@ -141,6 +141,8 @@ FIELDS: tuple[Field, ...] = (
     _f("orchestration", "mode_collapse_window_ratio", 0.1, 0.0, 1.0, "Warning after window * ratio collapsed steps."),
     # -- ingestion gate (SPEC 3.7) ---------------------------------------------------------------------
     _f("gate", "outlier_z_threshold", 10.0, 1.0, 1e6, "Robust z (median/MAD of the window) above which a value is rejected."),
+    _i("gate", "outlier_max_consecutive", 3, 0, 1000,
+       "Consecutive outliers rejected before further ones are accepted as a level shift."),
     _i("gate", "staleness_ttl_ns", 0, 0, 365 * _NS_DAY, "now - timestamp above this is stale (degraded); 0 disables."),
     _i("gate", "max_gap_ns", 0, 0, 365 * _NS_DAY, "timestamp - last timestamp above this is a gap (degraded); 0 disables."),
     _i("gate", "frozen_signal_min_steps", 5, 2, 1000, "This many identical last values mark a frozen signal."),
@@ -174,6 +176,9 @@ FIELDS: tuple[Field, ...] = (
     _i("kernels", "dgm_depth", 4, 1, 16, "Hidden layers of the DGM network.", static=True,
        tier="deep", search_low=2, search_high=6),
     _s("kernels", "dgm_activation", "tanh", ("tanh", "softplus", "sigmoid"), "Activation of the DGM network.", static=True),
+    _s("kernels", "dgm_dtype", "float32", ("float32", "float64"),
+       "Floating dtype of the DGM network, its optimiser state and its training (inputs and outputs stay core.dtype); "
+       "float32 halves the cost of the predictor's most expensive kernel.", static=True),
     _i("kernels", "dgm_train_steps", 1, 1, 100, "Warm-started optimiser steps of the DGM per observation.", static=True),
     _i("kernels", "dgm_init_train_steps", 200, 1, 10_000,
        "Optimiser steps pre-training a fresh DGM network on the initial history window.", static=True),

@@ -18,6 +18,7 @@ class GateDecision(NamedTuple):
     out_of_order: Bool[Array, ""]
     stale: Bool[Array, ""]
     gap: Bool[Array, ""]
+    consecutive_outliers: Int[Array, ""]
 
 
 def robust_z(y, window: Float[Array, " n"]) -> Float[Array, ""]:
@@ -31,16 +32,22 @@ def robust_z(y, window: Float[Array, " n"]) -> Float[Array, ""]:
     return jnp.abs(y - med) / scale
 
 
-def gate_observation(y, timestamp_ns, now_ns, last_timestamp_ns, window, *, outlier_z_threshold,
-                     staleness_ttl_ns, max_gap_ns) -> GateDecision:
+def gate_observation(y, timestamp_ns, now_ns, last_timestamp_ns, window, consecutive_outliers, *,
+                     outlier_z_threshold, outlier_max_consecutive, staleness_ttl_ns, max_gap_ns) -> GateDecision:
+    """``consecutive_outliers`` counts the outlying values seen in a row before this one: once more than
+    ``outlier_max_consecutive`` arrive, they are a level shift, not glitches, and are accepted (the CUSUM
+    then signals the regime change) instead of being rejected forever."""
     non_finite = ~jnp.isfinite(y)
     y_safe = jnp.where(non_finite, window[-1], y)
-    outlier = (~non_finite) & (robust_z(y_safe, window) > outlier_z_threshold)
+    outlying = (~non_finite) & (robust_z(y_safe, window) > outlier_z_threshold)
+    outlier = outlying & (consecutive_outliers < outlier_max_consecutive)
     out_of_order = timestamp_ns <= last_timestamp_ns
     stale = (staleness_ttl_ns > 0) & (now_ns - timestamp_ns > staleness_ttl_ns)
     gap = (max_gap_ns > 0) & (timestamp_ns - last_timestamp_ns > max_gap_ns)
     rejected = non_finite | outlier | out_of_order
-    return GateDecision(rejected, non_finite, outlier, out_of_order, stale & ~rejected, gap & ~rejected)
+    run = jnp.where(outlying, consecutive_outliers + 1, jnp.where(non_finite, consecutive_outliers, 0))
+    return GateDecision(rejected, non_finite, outlier, out_of_order, stale & ~rejected, gap & ~rejected,
+                        run.astype(jnp.int64))
 
 
 def is_frozen(window: Float[Array, " n"], min_steps: Int[Array, ""]) -> Bool[Array, ""]:

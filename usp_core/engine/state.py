@@ -58,6 +58,7 @@ class PredictorState(eqx.Module):
     emergency: Bool[Array, ""]
     collapse_streak: Int[Array, ""]
     last_timestamp_ns: Int[Array, ""]
+    consecutive_outliers: Int[Array, ""]  # gate counter: moves even when the observation is rejected
     steps: Int[Array, ""]
     key: Key[Array, ""]
     kernel_carries: tuple[Any, Any, Any, Any]

@@ -110,7 +110,7 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
         holder_exponent=holder, dgm_entropy=entropy, dgm_entropy_baseline=entropy,
         degraded=false, clean_streak=zero_i, frozen=false, reference_variance=jnp.var(window),
         emergency=jnp.asarray(False), collapse_streak=zero_i,
-        last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
+        last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), consecutive_outliers=zero_i,
         steps=zero_i, key=key, kernel_carries=carries, telemetry=_zero_telemetry(),
     )
     return state, _output_of(state, params, rejected=false, regime_change=false, outlier=false, stale=false,
@@ -144,8 +144,9 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
 
     # 1. ingestion gate
     decision = gate.gate_observation(
-        y, timestamp_ns, now_ns, state.last_timestamp_ns, state.window,
-        outlier_z_threshold=params["outlier_z_threshold"], staleness_ttl_ns=params["staleness_ttl_ns"],
+        y, timestamp_ns, now_ns, state.last_timestamp_ns, state.window, state.consecutive_outliers,
+        outlier_z_threshold=params["outlier_z_threshold"],
+        outlier_max_consecutive=params["outlier_max_consecutive"], staleness_ttl_ns=params["staleness_ttl_ns"],
         max_gap_ns=params["max_gap_ns"])
     rejected = decision.rejected
     y_ok = jnp.where(rejected, state.window[-1], y)
@@ -161,14 +162,15 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     scale = _window_scale(state.window, params)
     volatility = jax.lax.stop_gradient(jnp.sqrt(ema_variance) / scale)
 
-    # 4. CUSUM with the kurtosis-adaptive threshold
+    # 4. CUSUM with the kurtosis-adaptive threshold. h_t comes from the residuals before z_t: the value under
+    # test must not raise its own threshold (one 10-sigma jump would otherwise lift h_t above its statistic).
     r = static.residual_window_size
-    z_window = state.z_window.at[state.z_count % r].set(z)
-    z_count = state.z_count + 1
-    kurtosis = cusum.window_kurtosis(z_window, z_count, min_samples=params["kurtosis_min_samples"],
+    kurtosis = cusum.window_kurtosis(state.z_window, state.z_count, min_samples=params["kurtosis_min_samples"],
                                      reference=params["kurtosis_reference"], low=params["kurtosis_min"],
                                      high=params["kurtosis_max"])
     cusum_h = cusum.cusum_threshold(kurtosis, params["cusum_h"], params["kurtosis_reference"])
+    z_window = state.z_window.at[state.z_count % r].set(z)
+    z_count = state.z_count + 1
     cu = cusum.cusum_update(state.cusum_g_plus, state.cusum_g_minus, state.grace, z, k=params["cusum_k"], h=cusum_h,
                             grace_period=params["grace_period_steps"])
 
@@ -241,7 +243,8 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
         dgm_entropy_baseline=state.dgm_entropy_baseline, degraded=degraded, clean_streak=clean_streak,
         frozen=frozen, reference_variance=reference_variance, emergency=emergency,
         collapse_streak=collapse_streak.astype(jnp.int64), last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
-        steps=state.steps + 1, key=key, kernel_carries=carries, telemetry=state.telemetry,
+        consecutive_outliers=decision.consecutive_outliers, steps=state.steps + 1, key=key, kernel_carries=carries,
+        telemetry=state.telemetry,
     )
     # A rejected observation changes nothing but the gate counters (SPEC §3.3 step 1).
     new_state = jax.tree.map(lambda old, new: jnp.where(rejected, old, new), state, accepted)
@@ -257,7 +260,8 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
         sinkhorn_unconverged=t.sinkhorn_unconverged + (~transport.converged & ~rejected) * one,
         dgm_capacity_requests=t.dgm_capacity_requests + (capacity_request & ~rejected) * one,
     )
-    new_state = eqx.tree_at(lambda s: s.telemetry, new_state, telemetry)
+    new_state = eqx.tree_at(lambda s: (s.telemetry, s.consecutive_outliers), new_state,
+                            (telemetry, decision.consecutive_outliers))
     out = _output_of(new_state, params, rejected=rejected, regime_change=regime_change,
                      outlier=decision.outlier, stale=decision.stale, gap=decision.gap,
                      free_energy=transport.free_energy, converged=transport.converged,

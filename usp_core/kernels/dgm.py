@@ -94,8 +94,43 @@ def init_network_carry(key: PRNGKeyArray, width: int, depth: int, activation: st
     return DGMCarry(params, _optimizer(1.0).init(params))
 
 
-def value_and_derivatives(net: DGMNet, t: Float[Array, ""], x: Float[Array, ""]):
-    """(V, V_t, V_x, V_xx) at one point; forward-over-forward in the scalar x (no Hessian of parameters)."""
+def _activation_derivatives(activation: Callable[[Array], Array], a: Float[Array, "*s"]):
+    """(s(a), s'(a), s''(a)) elementwise, by forward-over-forward jvp of the scalar activation."""
+    one = jnp.ones_like(a)
+    (s, s1), (_, s2) = jax.jvp(lambda u: jax.jvp(activation, (u,), (one,)), (a,), (one,))
+    return s, s1, s2
+
+
+def value_and_derivatives(net: DGMNet, t: Float[Array, " *p"], x: Float[Array, " *p"]):
+    """(V, V_t, V_x, V_xx) at each point (t, x).
+
+    Taylor mode: (h, h_t, h_x, h_xx) are pushed through the MLP layer by layer (one matmul of the four
+    stacked streams per layer); nested jvps recompute the primal and first-order streams and cost more."""
+    t, x = jnp.broadcast_arrays(t, x)
+    shape = t.shape
+    t, x = t.reshape(-1, 1), x.reshape(-1, 1)
+    num = t.shape[0]
+    activation = net.hidden.activation
+    first, *rest = net.hidden.layers
+    a_t, a_x = first.weight[:, 0], first.weight[:, 1]
+    s, s1, s2 = _activation_derivatives(activation, t * a_t + x * a_x + first.bias)
+    h, h_t, h_x, h_xx = s, s1 * a_t, s1 * a_x, s2 * a_x**2
+    for layer in rest:
+        stacked = jnp.concatenate([h, h_t, h_x, h_xx]) @ layer.weight.T
+        a, a_t, a_x, a_xx = (stacked[i * num:(i + 1) * num] for i in range(4))
+        s, s1, s2 = _activation_derivatives(activation, a + layer.bias)
+        h, h_t, h_x, h_xx = s, s1 * a_t, s1 * a_x, s2 * a_x**2 + s1 * a_xx
+    w = net.readout.weight[0]
+    w_hidden, w_t, w_x = w[:-2], w[-2], w[-1]
+    v = h @ w_hidden + w_t * t[:, 0] + w_x * x[:, 0] + net.readout.bias
+    v_t = h_t @ w_hidden + w_t
+    v_x = h_x @ w_hidden + w_x
+    v_xx = h_xx @ w_hidden
+    return tuple(d.reshape(shape) for d in (v, v_t, v_x, v_xx))
+
+
+def nested_jvp_derivatives(net: DGMNet, t: Float[Array, ""], x: Float[Array, ""]):
+    """Reference (V, V_t, V_x, V_xx) at one point by forward-over-forward jvp (for tests)."""
     one = jnp.ones_like(x)
 
     def v_and_vx(x_):
@@ -109,7 +144,7 @@ def value_and_derivatives(net: DGMNet, t: Float[Array, ""], x: Float[Array, ""])
 def pde_residual(net: DGMNet, t: Float[Array, " p"], x: Float[Array, " p"], drift: Float[Array, " p"],
                  diffusion_sq: Float[Array, " p"]) -> Float[Array, " p"]:
     """Backward Kolmogorov residual V_t + mu V_x + 1/2 sigma^2 V_xx at each collocation point."""
-    _, v_t, v_x, v_xx = jax.vmap(functools.partial(value_and_derivatives, net))(t, x)
+    _, v_t, v_x, v_xx = value_and_derivatives(net, t, x)
     return v_t + drift * v_x + 0.5 * diffusion_sq * v_xx
 
 
@@ -224,22 +259,31 @@ def entropy_diagnostics(values: Float[Array, " p"], terminal: Float[Array, " p"]
 
 
 def skeleton_of(static) -> DGMNet:
-    return network_skeleton(static.dgm_width_size, static.dgm_depth, static.dgm_activation, static.dtype)
+    return network_skeleton(static.dgm_width_size, static.dgm_depth, static.dgm_activation, static.dgm_dtype)
 
 
 def _fit_window(carry: DGMCarry, z: Float[Array, " n"], key: PRNGKeyArray, static, params, num_steps: int):
-    """Train ``num_steps`` steps on the PDE whose coefficients are estimated from the z-scored window."""
-    coefficients = local_coefficients(z, silverman_bandwidth(z.shape[0] - 1, params["dgm_bandwidth"]))
+    """Train ``num_steps`` steps on the PDE whose coefficients are estimated from the z-scored window, all in
+    the dtype of ``z`` (the network's, ``dgm_dtype``)."""
+    dtype = z.dtype
+    bandwidth = silverman_bandwidth(z.shape[0] - 1, params["dgm_bandwidth"]).astype(dtype)
+    coefficients = local_coefficients(z, bandwidth)
     x_low, x_high = jnp.min(z) - DOMAIN_PADDING, jnp.max(z) + DOMAIN_PADDING
     carry, residual = train(carry, skeleton_of(static), key, lambda x: coefficients(x)[:2], x_low, x_high,
-                            params["learning_rate"], static.dgm_collocation_points, num_steps)
+                            params["learning_rate"].astype(dtype), static.dgm_collocation_points, num_steps)
     return carry, residual, coefficients, (x_low, x_high)
+
+
+def _network_z(window: Float[Array, " n"], static, params) -> tuple[Float[Array, " n"], Float[Array, ""], Float[Array, ""]]:
+    """The z-scored window (computed in core.dtype) cast to ``dgm_dtype``, with its loc and scale."""
+    z, loc, scale = zscore(window, params["numerical_epsilon"])
+    return z.astype(static.dgm_dtype), loc, scale
 
 
 def pretrain_carry(carry: DGMCarry, window: Float[Array, " n"], key: PRNGKeyArray, static, params,
                    num_steps: int) -> DGMCarry:
     """Warm a (fresh or resized) carry up on one window: ``num_steps`` optimiser steps."""
-    z, _, _ = zscore(window, params["numerical_epsilon"])
+    z, _, _ = _network_z(window, static, params)
     return _fit_window(carry, z, key, static, params, num_steps)[0]
 
 
@@ -247,14 +291,14 @@ def init_carry(past: Float[Array, " m"], static, params, key: PRNGKeyArray) -> D
     """Fresh network pre-trained for ``dgm_init_train_steps`` steps on the last window of ``past``."""
     net_key, train_key = jax.random.split(key)
     carry = init_network_carry(net_key, static.dgm_width_size, static.dgm_depth, static.dgm_activation,
-                               jnp.dtype(static.dtype))
+                               jnp.dtype(static.dgm_dtype))
     window = past[-static.base_min_signal_length:]
     return pretrain_carry(carry, window, train_key, static, params, static.dgm_init_train_steps)
 
 
 def forecast(window: Float[Array, " n"], carry: DGMCarry, key: PRNGKeyArray, static, params) -> KernelResult:
     eps = params["numerical_epsilon"]
-    z, loc, scale = zscore(window, eps)
+    z, loc, scale = _network_z(window, static, params)
     train_key, entropy_key = jax.random.split(key)
     carry, residual, coefficients, (x_low, x_high) = _fit_window(carry, z, train_key, static, params,
                                                                  static.dgm_train_steps)
@@ -268,10 +312,11 @@ def forecast(window: Float[Array, " n"], carry: DGMCarry, key: PRNGKeyArray, sta
     # of freedom, whose variance is nu / (nu - 2) times the scale (nu floored at 3 for a finite variance).
     dof = jnp.maximum(n_eff[0], 3.0)
     variance_z = diffusion_sq[0] * HORIZON * dof / (dof - 2.0)
-    pred, sigma = to_data_units(v0[0], jnp.sqrt(variance_z), loc, scale, eps)
+    out_dtype = window.dtype
+    pred, sigma = to_data_units(v0[0].astype(out_dtype), jnp.sqrt(variance_z).astype(out_dtype), loc, scale, eps)
     metadata = entropy_diagnostics(v0[1:], entropy_x, static.dgm_entropy_num_bins, params["entropy_threshold"])
     metadata["pde_residual"] = jnp.mean(jnp.abs(residual))
-    return KernelResult(pred, sigma, {k: metadata[k] for k in METADATA_KEYS}, carry)
+    return KernelResult(pred, sigma, {k: metadata[k].astype(out_dtype) for k in METADATA_KEYS}, carry)
 
 
 KERNEL = ForecastKernel("dgm", init_carry, forecast, METADATA_KEYS)

@@ -19,10 +19,10 @@ def run_cusum(z, *, k=0.5, h=5.0, grace_period=20):
 
     def body(carry, zt):
         gp, gm, grace, window, count = carry
-        window = window.at[count % R].set(zt)
-        count = count + 1
         kurt = cusum.window_kurtosis(window, count, min_samples=MIN_SAMPLES, reference=3.0, low=1.0, high=50.0)
         thr = cusum.cusum_threshold(kurt, h, 3.0)
+        window = window.at[count % R].set(zt)
+        count = count + 1
         upd = cusum.cusum_update(gp, gm, grace, zt, k=k, h=thr, grace_period=grace_period)
         return (upd.g_plus, upd.g_minus, upd.grace, window, count), (upd.alarm, upd.regime_change, thr, upd.grace)
 

@@ -23,10 +23,11 @@ def test_degraded_counter_resets_on_any_degradation():
     assert seen == [True, True, True, True, False, False]
 
 
-def _decide(y, ts=10, now=10, last=9, **kw):
+def _decide(y, ts=10, now=10, last=9, run=0, **kw):
     window = jnp.asarray(np.random.default_rng(0).normal(size=64))
-    args = dict(outlier_z_threshold=10.0, staleness_ttl_ns=0, max_gap_ns=0) | kw
-    return gate.gate_observation(jnp.asarray(y), jnp.asarray(ts), jnp.asarray(now), jnp.asarray(last), window, **args)
+    args = dict(outlier_z_threshold=10.0, outlier_max_consecutive=3, staleness_ttl_ns=0, max_gap_ns=0) | kw
+    return gate.gate_observation(jnp.asarray(y), jnp.asarray(ts), jnp.asarray(now), jnp.asarray(last), window,
+                                 jnp.asarray(run), **args)
 
 
 @pytest.mark.parametrize("y", [np.nan, np.inf, -np.inf])
@@ -38,6 +39,17 @@ def test_non_finite_is_rejected(y):
 def test_outlier_is_rejected_by_robust_z():
     assert bool(_decide(1e6).outlier) and bool(_decide(1e6).rejected)
     assert not bool(_decide(2.0).rejected)
+
+
+def test_a_run_of_outliers_becomes_a_level_shift():
+    runs, rejected = 0, []
+    for _ in range(5):
+        d = _decide(1e3, run=runs)
+        runs = int(d.consecutive_outliers)
+        rejected.append(bool(d.rejected))
+    assert rejected == [True, True, True, False, False]
+    assert int(_decide(0.1, run=7).consecutive_outliers) == 0
+    assert int(_decide(np.nan, run=2).consecutive_outliers) == 2
 
 
 def test_outlier_rule_is_scale_free():
