@@ -117,7 +117,7 @@ def _print_summary(summary: dict, home: Path) -> None:
         f"coverage {bt.get('coverage')}",
         f"  fast tuning         {tune.get('trials_complete')} trials, best value {tune.get('best_value')}"
         f"  (MLflow: {tune.get('mlflow_run', 'n/a')})",
-        f"  promotion gate      {gate.get('decision')}: {gate.get('reason')}",
+        f"  promotion gate      {gate.get('reason')}",
         f"  champion config     {champ.get('config_version')} (promoted: {champ.get('promoted')})",
         f"  predictions         {summary['predictions_rows']} rows in {summary['duckdb']} "
         f"({summary['quarantine_rows']} quarantined rows, {summary['inference_runs']} inference run(s))",

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
+import jax.lax.linalg as lax_linalg
 import numpy as np
 from jaxtyping import Array, Float, Int
 
@@ -74,24 +74,26 @@ def gaussian_gram(a: Float[Array, "p d"], b: Float[Array, "r d"]) -> Float[Array
 
 
 class RidgeFit(NamedTuple):
-    chol: Float[Array, "m m"]
+    chol_inv: Float[Array, "m m"]
     alpha: Float[Array, " m"]
     noise_var: Float[Array, ""]
     signal_var: Float[Array, ""]
 
 
 def fit_ridge(gram: Float[Array, "m m"], y: Float[Array, " m"], ratio: Float[Array, ""]) -> RidgeFit:
-    """Solve (K + s I) alpha = y by Cholesky. Noise variance RSS / (m - tr H) with H = K (K + s I)^-1;
-    signal variance = mean(y^2) - noise variance (floored at 1% of mean(y^2))."""
+    """Solve (K + s I) alpha = y through the inverse Cholesky factor L^-1 (all later solves are matvecs).
+    Noise variance RSS / (m - tr H) with H = K (K + s I)^-1; signal variance = mean(y^2) - noise variance
+    (floored at 1% of mean(y^2))."""
     m = y.shape[0]
     chol = jnp.linalg.cholesky(gram + ratio * jnp.eye(m, dtype=gram.dtype))
-    alpha = jsl.cho_solve((chol, True), y)
-    chol_inv = jsl.solve_triangular(chol, jnp.eye(m, dtype=gram.dtype), lower=True)
+    # L^-1 from X L = I: XLA's right-sided triangular solve is ~3x cheaper on CPU than L X = I under vmap
+    chol_inv = lax_linalg.triangular_solve(chol, jnp.eye(m, dtype=gram.dtype), left_side=False, lower=True)
+    alpha = chol_inv.T @ (chol_inv @ y)
     trace_inv = jnp.sum(chol_inv**2)  # tr (K + sI)^-1, and m - tr H = s tr (K + sI)^-1
     noise_var = ratio * jnp.sum(alpha**2) / jnp.maximum(trace_inv, 1e-300)  # residual y - K alpha = s alpha
     power = jnp.mean(y**2)
     signal_var = jnp.maximum(power - noise_var, 0.01 * power) + 1e-300
-    return RidgeFit(chol, alpha, noise_var, signal_var)
+    return RidgeFit(chol_inv, alpha, noise_var, signal_var)
 
 
 def krr_forecast(z: Float[Array, " n"], static, params) -> tuple[Float[Array, ""], Float[Array, ""]]:
@@ -113,7 +115,7 @@ def krr_forecast(z: Float[Array, " n"], static, params) -> tuple[Float[Array, ""
         fit = fit_ridge(gram, y, lam + fit.noise_var / fit.signal_var)
 
     mean = k_star @ fit.alpha
-    v = jsl.solve_triangular(fit.chol, k_star, lower=True)
+    v = fit.chol_inv @ k_star
     sigma = jnp.sqrt(fit.signal_var * jnp.maximum(1.0 - v @ v, 0.0) + fit.noise_var)
     # a numerically failed Cholesky (NaN) falls back to the last value with unit z-scale uncertainty
     ok = jnp.isfinite(mean) & jnp.isfinite(sigma)

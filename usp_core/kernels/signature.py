@@ -11,6 +11,11 @@ Scale convention of the online update: the features of the previous window are s
 increment just observed, in the current z-scale). Both are bounded for any finite window (|z| <= sqrt(n)),
 so constant windows, jumps and outliers cannot blow the readout up; the mismatch between the two scales is
 the one-step change of the rolling std, O(1/n) in steady state.
+
+The z-scale of a window follows its level excursions (for a random walk it varies several-fold along the
+path), so the readout's residual variance is tracked *relative* to the window's mean squared z-increment
+(a local volatility estimate): sigma_D^2 = ratio * mean(diff(z)^2) * (1 + x' P x). Normalising each
+residual by the window that contains the observed increment bounds its contribution by n - 1.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class SignatureCarry(NamedTuple):
     gram: Float[Array, "p p"]
     moment: Float[Array, " p"]
     prev_features: Float[Array, " p"]
-    residual_var: Float[Array, ""]
+    prev_increment_var: Float[Array, ""]
+    residual_ratio: Float[Array, ""]
     num_updates: Float[Array, ""]
 
 
@@ -67,6 +73,11 @@ def num_features(static) -> int:
     return jax.eval_shape(lambda w: logsignature_features(w, static), z).shape[0]
 
 
+def increment_variance(z: Float[Array, " n"], eps: Float[Array, ""]) -> Float[Array, ""]:
+    """Mean squared z-increment of the window (the naive forecast's error variance), floored."""
+    return jnp.mean(jnp.diff(z) ** 2) + eps
+
+
 def _solve_psd(gram: Float[Array, "p p"], rhs: Float[Array, " p"]) -> tuple[Float[Array, " p"], Float[Array, ""]]:
     """(gram^-1 rhs, rhs' gram^-1 rhs) by Cholesky; gram >= I / prior_scale keeps it well conditioned."""
     chol = jnp.linalg.cholesky(gram)
@@ -81,36 +92,48 @@ def readout(carry: SignatureCarry, features: Float[Array, " p"]) -> tuple[Float[
     return features @ weights, leverage
 
 
-def rls_update(carry: SignatureCarry, target: Float[Array, ""], params) -> SignatureCarry:
+def rls_update(carry: SignatureCarry, target: Float[Array, ""], increment_var: Float[Array, ""],
+               params) -> SignatureCarry:
     """One forgetting-ridge step with the pair (carry.prev_features, target).
 
     gram' = lam gram + x x' + (1 - lam) I / prior_scale keeps gram >= I / prior_scale (no covariance
     wind-up on unexcited directions, e.g. constant windows); with lam = 1 it is plain ridge. The innovation
-    is clipped at ``kernel_d_innovation_clip`` predictive stds for the weights (Huber-type robustness);
-    the residual variance is an EMA of the unclipped innovation^2 / (1 + leverage), the noise variance of
-    the a-priori residual, so that sigma widens honestly after a surprise (and recovers from a constant
-    stretch, where it is ~0)."""
+    is clipped at ``kernel_d_innovation_clip`` predictive stds *as issued with the previous window* (an
+    outlier inflates the current window's increment variance) for the weights (Huber-type robustness);
+    the residual ratio is an EMA of the unclipped innovation^2 / ((1 + leverage) increment_var), the noise
+    variance of the a-priori residual relative to the window's increment variance, so that sigma widens
+    honestly after a surprise.
+
+    A window whose tail holds an outlier gives a high-leverage feature vector; its pair is down-weighted
+    (Mallows-type bounded influence) by w = min(1, kernel_d_leverage_clip p / m), m = x' P x N_eff its
+    squared Mahalanobis distance under the readout's Gram (N_eff = min(updates + 1, 1 / (1 - lam)))."""
     lam = params["kernel_d_forgetting"]
     x = carry.prev_features
     pred, leverage = readout(carry, x)
-    bound = params["kernel_d_innovation_clip"] * jnp.sqrt(carry.residual_var * (1.0 + leverage))
+    predictive_var = carry.residual_ratio * carry.prev_increment_var * (1.0 + leverage)
+    bound = params["kernel_d_innovation_clip"] * jnp.sqrt(predictive_var)
     residual = target - pred
     innovation = jnp.clip(residual, -bound, bound)
-    eye = jnp.eye(x.shape[0], dtype=x.dtype)
-    gram = lam * carry.gram + jnp.outer(x, x) + (1.0 - lam) / params["kernel_d_prior_scale"] * eye
-    moment = lam * carry.moment + x * (pred + innovation)
+    p = x.shape[0]
+    effective_count = jnp.minimum(carry.num_updates + 1.0, 1.0 / jnp.maximum(1.0 - lam, 1e-12))
+    weight = jnp.minimum(1.0, params["kernel_d_leverage_clip"] * p / (leverage * effective_count))
+    eye = jnp.eye(p, dtype=x.dtype)
+    gram = lam * carry.gram + weight * jnp.outer(x, x) + (1.0 - lam) / params["kernel_d_prior_scale"] * eye
+    moment = lam * carry.moment + weight * x * (pred + innovation)
     rate = jnp.maximum(1.0 - lam, 1.0 / (carry.num_updates + 2.0))
-    residual_var = (1.0 - rate) * carry.residual_var + rate * residual**2 / (1.0 + leverage)
-    return carry._replace(gram=gram, moment=moment, residual_var=residual_var,
+    ratio = (1.0 - rate) * carry.residual_ratio + rate * residual**2 / ((1.0 + leverage) * increment_var)
+    return carry._replace(gram=gram, moment=moment, residual_ratio=ratio,
                           num_updates=carry.num_updates + 1.0)
 
 
 def _observe(carry: SignatureCarry, window: Float[Array, " n"], static, params):
     """Update the readout with the increment just observed, then set this window's features."""
     z, loc, scale = zscore(window, params["numerical_epsilon"])
-    carry = rls_update(carry, z[-1] - z[-2], params)
+    increment_var = increment_variance(z, params["numerical_epsilon"])
+    carry = rls_update(carry, z[-1] - z[-2], increment_var, params)
     features = logsignature_features(z, static)
-    return carry._replace(prev_features=features), (z, loc, scale, features)
+    carry = carry._replace(prev_features=features, prev_increment_var=increment_var)
+    return carry, (z, loc, scale, features, increment_var)
 
 
 def init_carry(past: Float[Array, " m"], static, params, key: PRNGKeyArray) -> SignatureCarry:
@@ -127,7 +150,8 @@ def init_carry(past: Float[Array, " m"], static, params, key: PRNGKeyArray) -> S
         gram=jnp.eye(p, dtype=past.dtype) / params["kernel_d_prior_scale"],
         moment=jnp.zeros((p,), past.dtype),
         prev_features=logsignature_features(z0, static),
-        residual_var=jnp.maximum(jnp.mean(jnp.diff(z0) ** 2), eps),
+        prev_increment_var=increment_variance(z0, eps),
+        residual_ratio=jnp.ones((), past.dtype),  # prior: as good as the naive forecast
         num_updates=jnp.zeros((), past.dtype),
     )
     starts = jnp.arange(1, past.shape[0] - n + 1)
@@ -142,11 +166,11 @@ def init_carry(past: Float[Array, " m"], static, params, key: PRNGKeyArray) -> S
 
 def forecast(window: Float[Array, " n"], carry: SignatureCarry, key: PRNGKeyArray, static, params) -> KernelResult:
     eps = params["numerical_epsilon"]
-    carry, (z, loc, scale, features) = _observe(carry, window, static, params)
+    carry, (z, loc, scale, features, increment_var) = _observe(carry, window, static, params)
     increment, leverage = readout(carry, features)
-    sigma_z = jnp.sqrt(carry.residual_var * (1.0 + leverage))
-    pred, sigma = to_data_units(z[-1] + increment, sigma_z, loc, scale, eps)
-    metadata = {"readout_residual_var": carry.residual_var, "readout_leverage": leverage,
+    residual_var = carry.residual_ratio * increment_var
+    pred, sigma = to_data_units(z[-1] + increment, jnp.sqrt(residual_var * (1.0 + leverage)), loc, scale, eps)
+    metadata = {"readout_residual_var": residual_var, "readout_leverage": leverage,
                 "readout_increment_z": increment}
     return KernelResult(pred, sigma, metadata, carry)
 

@@ -212,6 +212,22 @@ def test_finite_on_constant_rough_and_outlier_windows(embedding):
     assert float(jnp.max(jnp.abs(pred[2, -20:] - outliers[-21:-1]))) < 10.0
 
 
+def test_readout_recovers_after_outliers():
+    """Bounded influence: once outliers have left the window, the forecast error is close to that of the
+    same walk without them (the gate rejects gross outliers, milder ones reach the kernel)."""
+    static, params = CFG.static, _params()
+    clean = np.cumsum(np.random.default_rng(8).standard_normal(400))
+    mild, gross = clean.copy(), clean.copy()
+    mild[[120, 180]] += [15.0, -15.0]
+    gross[[120, 121, 150]] += [1e6, -1e6, 1e9]
+    run = jax.jit(jax.vmap(lambda s: _run_causal(static, params, s, 100)))
+    pred, sigma, target, _, _ = run(jnp.asarray(np.stack([clean, mild, gross])))
+    late = slice(150, None)  # forecasts of t >= 250, windows free of outliers
+    mse = np.asarray(jnp.mean((pred[:, late] - target[:, late]) ** 2, axis=1))
+    assert np.all(mse[1:] < 1.25 * mse[0]), mse
+    assert np.all(np.asarray(jnp.mean(sigma[:, late], axis=1)) < 1.6 * float(jnp.mean(sigma[0, late])))
+
+
 def test_short_past_is_accepted():
     static, params = CFG.static, _params()
     n = static.base_min_signal_length
@@ -227,6 +243,7 @@ PERTURBATIONS = {
     "kernel_d_path_embedding": "leadlag",
     "kernel_d_feature_window": 9,
     "kernel_d_innovation_clip": 1.0,
+    "kernel_d_leverage_clip": 0.2,
     "numerical_epsilon": 1e-6,
 }
 
