@@ -31,12 +31,27 @@ class SnapshotError(ValueError):
     """A snapshot is corrupted, tampered with, or of another schema/static configuration."""
 
 
+def _is_key(leaf: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
 def _leaves_with_paths(tree: Any) -> list[tuple[str, np.ndarray]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(path), np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf))
+            for path, leaf in flat]
+
+
+def _layout(template: Any) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(path, dtype, shape) of each leaf of a state or of ``jax.eval_shape`` of one, without materialising it."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for path, leaf in flat:
-        arr = np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key) else leaf)
-        out.append((jax.tree_util.keystr(path), arr))
+        if _is_key(leaf):
+            data = jax.eval_shape(jax.random.key_data, leaf)
+            dtype, shape = data.dtype, data.shape
+        else:
+            dtype, shape = leaf.dtype, leaf.shape
+        out.append((jax.tree_util.keystr(path), np.dtype(dtype), tuple(shape)))
     return out
 
 
@@ -87,15 +102,15 @@ def decode_state(blob: bytes, template: Any, *, static_key: str | None = None) -
         raise SnapshotError(f"snapshot schema {header.get('schema_version')} != {SNAPSHOT_SCHEMA_VERSION}")
     if static_key is not None and header.get("static_key") != static_key:
         raise SnapshotError("snapshot was taken with another static configuration")
-    expected_leaves = _leaves_with_paths(template)
-    if [e["path"] for e in header["leaves"]] != [p for p, _ in expected_leaves]:
+    expected = _layout(template)
+    if [e["path"] for e in header["leaves"]] != [p for p, _, _ in expected]:
         raise SnapshotError("snapshot layout does not match this predictor's state")
     arrays, offset = [], 0
-    for meta, (_, ref) in zip(header["leaves"], expected_leaves, strict=True):
+    for meta, (_, ref_dtype, ref_shape) in zip(header["leaves"], expected, strict=True):
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         shape = tuple(meta["shape"])
-        if np.dtype(meta["dtype"]) != ref.dtype or shape != ref.shape:
-            raise SnapshotError(f"leaf {meta['path']}: {meta['dtype']}{shape} != {ref.dtype}{ref.shape}")
+        if np.dtype(meta["dtype"]) != ref_dtype or shape != ref_shape:
+            raise SnapshotError(f"leaf {meta['path']}: {meta['dtype']}{shape} != {ref_dtype}{ref_shape}")
         size = int(np.prod(shape)) * dtype.itemsize
         arrays.append(np.frombuffer(payload, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape))
         offset += size
@@ -104,7 +119,7 @@ def decode_state(blob: bytes, template: Any, *, static_key: str | None = None) -
     leaves, treedef = jax.tree_util.tree_flatten(template)
     rebuilt = []
     for ref, arr in zip(leaves, arrays, strict=True):
-        if jax.dtypes.issubdtype(getattr(ref, "dtype", None), jax.dtypes.prng_key):
+        if _is_key(ref):
             rebuilt.append(jax.random.wrap_key_data(jax.numpy.asarray(arr)))
         else:
             rebuilt.append(jax.numpy.asarray(arr.astype(arr.dtype.newbyteorder("="))))

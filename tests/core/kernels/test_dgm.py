@@ -98,6 +98,7 @@ def test_every_field_changes_the_output(small_cfg, series):
         "kernels.dgm_width_size": 16, "kernels.dgm_depth": 3, "kernels.dgm_activation": "softplus",
         "kernels.dgm_train_steps": 2, "kernels.dgm_collocation_points": 12, "kernels.dgm_init_train_steps": 150,
         "kernels.dgm_entropy_num_bins": 37, "kernels.learning_rate": 0.02, "kernels.dgm_bandwidth": 2.0,
+        "kernels.dgm_dtype": "float32",
         "kernels.entropy_threshold": min(1.0, 0.5 * (ratio + 1.0)) if base.metadata["mode_collapse"] == 0 else 0.0,
     }
     for name, value in perturbations.items():
@@ -107,7 +108,7 @@ def test_every_field_changes_the_output(small_cfg, series):
 
 
 def test_derivatives_match_closed_form_network():
-    # Forward-over-forward jvp derivatives against central finite differences on a random network.
+    # Taylor-mode derivatives against central finite differences on a random network.
     carry = dgm.init_network_carry(jax.random.key(0), 8, 2, "tanh")
     net = eqx.combine(carry.params, dgm.network_skeleton(8, 2, "tanh"))
     t, x, h = jnp.asarray(0.3), jnp.asarray(-0.7), 1e-4
@@ -117,6 +118,33 @@ def test_derivatives_match_closed_form_network():
     assert float(v_x) == pytest.approx(float((net(t, x + h) - net(t, x - h)) / (2 * h)), rel=1e-6)
     fd_xx = (net(t, x + h) - 2 * net(t, x) + net(t, x - h)) / h**2
     assert float(v_xx) == pytest.approx(float(fd_xx), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "softplus", "sigmoid"])
+def test_taylor_mode_matches_nested_jvp(activation):
+    carry = dgm.init_network_carry(jax.random.key(1), 8, 3, activation)
+    net = eqx.combine(carry.params, dgm.network_skeleton(8, 3, activation))
+    t, x = jnp.linspace(0.0, 1.0, 5), jnp.linspace(-2.0, 2.0, 5)
+    taylor = dgm.value_and_derivatives(net, t, x)
+    nested = jax.vmap(functools.partial(dgm.nested_jvp_derivatives, net))(t, x)
+    for a, b in zip(taylor, nested):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    # the plain points riding along in the stacked matmuls are V itself
+    plain = dgm.taylor_forward(net, t, x, t[::-1], x)[4]
+    np.testing.assert_allclose(plain, jax.vmap(net)(t[::-1], x), rtol=1e-12)
+
+
+def test_float32_network_agrees_with_float64(small_cfg, series):
+    """dgm_dtype = float32 keeps the network and its optimiser state in float32 and returns core.dtype."""
+    key = jax.random.key(3)
+    base = _init_and_forecast(series, small_cfg.static, _params(small_cfg), key)
+    cfg32 = small_cfg.replace({"kernels.dgm_dtype": "float32"})
+    low = _init_and_forecast(series, cfg32.static, _params(cfg32), key)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(low.carry) if jnp.issubdtype(leaf.dtype, jnp.floating))
+    assert low.prediction.dtype == low.sigma.dtype == jnp.float64
+    # same keys and data: only rounding differs (amplified a little by 20 + 1 Adam steps)
+    np.testing.assert_allclose(float(low.prediction), float(base.prediction), rtol=1e-4)
+    np.testing.assert_allclose(float(low.sigma), float(base.sigma), rtol=1e-4)
 
 
 @pytest.mark.slow
