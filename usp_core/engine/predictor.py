@@ -26,6 +26,7 @@ _step_batch_jit = jax.jit(jax.vmap(step_mod.step, in_axes=(0, 0, 0, 0, None, Non
 _init_batch_jit = jax.jit(jax.vmap(step_mod.init_state, in_axes=(0, 0, None, None, None)), static_argnames=("static",))
 _run_jit = jax.jit(step_mod.run_panel, static_argnames=("static",))
 _run_trials_jit = jax.jit(step_mod.run_trials, static_argnames=("static",))
+_run_trials_shared_jit = jax.jit(step_mod.run_trials_shared, static_argnames=("static",))
 
 _T_BUCKET = 256
 
@@ -33,7 +34,8 @@ _T_BUCKET = 256
 def compile_counts() -> dict[str, int]:
     """Number of compiled variants of each jitted entry point (tests assert on these)."""
     fns = {"init": _init_jit, "step": _step_jit, "step_batch": _step_batch_jit, "init_batch": _init_batch_jit,
-           "run": _run_jit, "run_trials": _run_trials_jit}
+           "run": _run_jit, "run_trials": _run_trials_jit,
+           "run_trials_shared": _run_trials_shared_jit}
     return {name: fn._cache_size() for name, fn in fns.items()}
 
 
@@ -166,14 +168,21 @@ class Predictor:
         """Evaluate K parameter sets that share this predictor's static key in ONE compiled call.
 
         ``params_batch`` maps each dynamic parameter to an array with a leading K axis (see
-        :func:`stack_params`); outputs have leading axes (K, B, T) (or (K, T) for a single series).
+        :func:`stack_params`); outputs have leading axes (K, B, T) (or (K, T) for a single series). When the
+        trials agree on every kernel-side parameter the kernels run once and only the fusion is vmapped over
+        trials (``run_trials_shared``), which is what makes a batch of fusion trials cheap.
         """
         (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
         missing = set(self.params) - set(params_batch)
         if missing:
             raise ValueError(f"params_batch lacks dynamic parameters: {sorted(missing)}")
         batch = {k: jnp.asarray(params_batch[k], self.params[k].dtype) for k in self.params}
-        out = _run_trials_jit(arr, ts, now, self.key, self.static, batch)
+        host = {k: np.asarray(v) for k, v in batch.items()}
+        if all((host[k] == host[k][0]).all() for k in step_mod.KERNEL_SIDE_PARAMS):
+            shared = {k: batch[k][0] for k in step_mod.KERNEL_SIDE_PARAMS}
+            out = _run_trials_shared_jit(arr, ts, now, self.key, self.static, shared, batch)
+        else:
+            out = _run_trials_jit(arr, ts, now, self.key, self.static, batch)
         return self._finish(out, single, b, t, lead=(0,))
 
 

@@ -26,17 +26,35 @@ class Telemetry(NamedTuple):
     dgm_capacity_requests: Int[Array, ""]
 
 
-class PredictorState(eqx.Module):
-    """Everything one series carries from step to step. All leaves are arrays: vmap adds a series axis."""
+class KernelState(eqx.Module):
+    """What the kernels and the ingestion gate carry. It never depends on fusion parameters, so trials that
+    differ only in fusion parameters can share one kernel pass (``run_trials``)."""
+
+    window: Float[Array, " n"]  # last n accepted observations, newest last
+    kernel_carries: tuple[Any, Any, Any, Any]
+    kernel_predictions: Float[Array, " 4"]  # forecasts of the next value
+    kernel_sigmas: Float[Array, " 4"]
+    holder_exponent: Float[Array, ""]
+    dgm_entropy: Float[Array, ""]
+    mode_collapse: Bool[Array, ""]
+    degraded: Bool[Array, ""]
+    clean_streak: Int[Array, ""]
+    frozen: Bool[Array, ""]
+    reference_variance: Float[Array, ""]  # window variance while not frozen (frozen-signal recovery)
+    last_timestamp_ns: Int[Array, ""]
+    consecutive_outliers: Int[Array, ""]  # gate counter: moves even when the observation is rejected
+    steps: Int[Array, ""]
+    key: Key[Array, ""]
+
+
+class FusionState(eqx.Module):
+    """What the fusion, CUSUM and calibration carry."""
 
     forecast: Float[Array, ""]  # y_hat_{t+1|t}
     forecast_sigma: Float[Array, ""]  # calibrated predictive sigma of the fused forecast
     mixture_sigma: Float[Array, ""]  # uncalibrated mixture std (the calibration factor scales it)
-    kernel_predictions: Float[Array, " 4"]
-    kernel_sigmas: Float[Array, " 4"]
     weights: Float[Array, " 4"]
     kernel_loss: Float[Array, " 4"]  # EMA of per-kernel losses (L in SPEC 3.5)
-    window: Float[Array, " n"]  # last n accepted observations, newest last
     ema_variance: Float[Array, ""]  # v_t
     calibration_z2: Float[Array, ""]  # EMA of (e / mixture_sigma)^2
     cusum_g_plus: Float[Array, ""]
@@ -48,21 +66,61 @@ class PredictorState(eqx.Module):
     kurtosis: Float[Array, ""]
     volatility: Float[Array, ""]  # scale-free sigma_t
     epsilon: Float[Array, ""]
-    holder_exponent: Float[Array, ""]
-    dgm_entropy: Float[Array, ""]
-    dgm_entropy_baseline: Float[Array, ""]
-    degraded: Bool[Array, ""]
-    clean_streak: Int[Array, ""]
-    frozen: Bool[Array, ""]
-    reference_variance: Float[Array, ""]  # window variance while not frozen (frozen-signal recovery)
     emergency: Bool[Array, ""]
     collapse_streak: Int[Array, ""]
-    last_timestamp_ns: Int[Array, ""]
-    consecutive_outliers: Int[Array, ""]  # gate counter: moves even when the observation is rejected
-    steps: Int[Array, ""]
-    key: Key[Array, ""]
-    kernel_carries: tuple[Any, Any, Any, Any]
+    dgm_entropy_baseline: Float[Array, ""]
     telemetry: Telemetry
+
+
+class PredictorState(eqx.Module):
+    """Everything one series carries from step to step. All leaves are arrays: vmap adds a series axis."""
+
+    kernel: KernelState
+    fusion: FusionState
+
+    @property
+    def forecast(self) -> Float[Array, ""]:
+        return self.fusion.forecast
+
+    @property
+    def weights(self) -> Float[Array, " 4"]:
+        return self.fusion.weights
+
+    @property
+    def window(self) -> Float[Array, " n"]:
+        return self.kernel.window
+
+    @property
+    def last_timestamp_ns(self) -> Int[Array, ""]:
+        return self.kernel.last_timestamp_ns
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.fusion.telemetry
+
+
+class KernelTrack(NamedTuple):
+    """What one kernel step hands to the fusion step (one entry per time step in a shared kernel pass)."""
+
+    rejected: Bool[Array, ""]
+    non_finite: Bool[Array, ""]
+    outlier: Bool[Array, ""]
+    out_of_order: Bool[Array, ""]
+    stale: Bool[Array, ""]
+    gap: Bool[Array, ""]
+    frozen: Bool[Array, ""]
+    degraded: Bool[Array, ""]
+    value: Float[Array, ""]  # the observation, or the last accepted one when rejected
+    center: Float[Array, ""]  # mean and scale of the window before this observation
+    scale: Float[Array, ""]
+    prev_predictions: Float[Array, " 4"]  # kernel forecasts of this observation
+    prev_sigmas: Float[Array, " 4"]
+    prev_holder_exponent: Float[Array, ""]
+    predictions: Float[Array, " 4"]  # kernel forecasts of the next observation
+    sigmas: Float[Array, " 4"]
+    holder_exponent: Float[Array, ""]
+    dgm_entropy: Float[Array, ""]
+    mode_collapse: Bool[Array, ""]
 
 
 class StepOutput(NamedTuple):

@@ -3,6 +3,10 @@
 Order of operations in one step: ingestion gate, residual against the forecast made before the observation,
 EMA volatility, kurtosis-adaptive CUSUM, fusion weights (Sinkhorn + JKO under the precedence table of SPEC
 §3.8), window update and kernel forecasts, calibrated mixture, adaptive layer for the next step.
+
+The step is the composition of a *kernel step* (gate, window, kernel forecasts: reads only kernel-side
+parameters, ``KERNEL_SIDE_PARAMS``) and a *fusion step* (everything else). The kernel side never depends on the
+fusion side, which lets ``run_trials_shared`` run the expensive kernels once for many fusion trials.
 """
 
 from __future__ import annotations
@@ -14,10 +18,28 @@ from jax.scipy.special import ndtri
 from jaxtyping import Array, Float, Int
 
 from usp_core.engine import adaptive, cusum, fusion, gate
-from usp_core.engine.state import NUM_KERNELS, PredictorState, StepOutput, Telemetry
+from usp_core.config.schema import FIELDS
+from usp_core.engine.state import (
+    NUM_KERNELS,
+    FusionState,
+    KernelState,
+    KernelTrack,
+    PredictorState,
+    StepOutput,
+    Telemetry,
+)
 from usp_core.kernels import KERNELS
 
 _CALIBRATION_Z2_CAP = 100.0  # one wild residual may widen the interval, not blow it up
+
+KERNEL_SIDE_PARAMS: frozenset[str] = frozenset(
+    f.name for f in FIELDS if f.dynamic and (f.section in ("kernels", "gate") or f.name in (
+        "numerical_epsilon", "stiffness_low", "stiffness_high", "stiffness_c1", "stiffness_c2")))
+
+
+def kernel_side(params: dict) -> dict:
+    """The parameters the kernel step may read; anything else raises a KeyError at trace time."""
+    return {k: v for k, v in params.items() if k in KERNEL_SIDE_PARAMS}
 
 
 def fill_missing(x: Float[Array, " m"]) -> Float[Array, " m"]:
@@ -74,9 +96,10 @@ def _entropy_metadata(meta, dtype):
     return entropy, collapsed
 
 
-def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, static, params) -> tuple[PredictorState, StepOutput]:
-    """State after consuming ``history`` (m >= n values, the last one observed at ``timestamp_ns``) and the
-    output of that moment: the forecast of the value after the last history entry."""
+def kernel_init(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, static, params) -> KernelState:
+    """Kernel state after ``history`` (m >= n values; the last observed at ``timestamp_ns``), holding the
+    kernels' forecasts of the next value."""
+    params = kernel_side(params)
     n = static.base_min_signal_length
     dtype = history.dtype
     history = fill_missing(history)
@@ -87,104 +110,147 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
     init_keys = jax.random.split(init_key, NUM_KERNELS)
     carries = tuple(k.init_carry(history[:-1], static, aug, kk) for k, kk in zip(KERNELS, init_keys, strict=True))
     preds, sigmas, meta, carries = _forecast_all(window, carries, forecast_key, static, aug)
+    entropy, collapsed = _entropy_metadata(meta, dtype)
+    zero_i = jnp.zeros((), jnp.int64)
+    return KernelState(
+        window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas,
+        holder_exponent=meta.get("holder_exponent", holder0), dgm_entropy=entropy, mode_collapse=collapsed,
+        degraded=jnp.asarray(False), clean_streak=zero_i, frozen=jnp.asarray(False),
+        reference_variance=jnp.var(window), last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
+        consecutive_outliers=zero_i, steps=zero_i, key=key)
+
+
+def fusion_init(kernel: KernelState, static, params) -> FusionState:
+    """Fusion state before any step: uniform weights over the kernels' first forecasts."""
+    dtype = kernel.window.dtype
     weights = jnp.full((NUM_KERNELS,), 1.0 / NUM_KERNELS, dtype)
-    forecast, mixture_sigma = _mixture(weights, preds, sigmas)
-    scale = _window_scale(window, params)
-    ema_variance = jnp.var(jnp.diff(window))
-    volatility = jnp.sqrt(ema_variance) / scale
-    holder = meta.get("holder_exponent", holder0)
-    entropy, _ = _entropy_metadata(meta, dtype)
-    epsilon = fusion.sinkhorn_epsilon(volatility, params["sinkhorn_epsilon_0"], params["sinkhorn_epsilon_min"],
-                                      params["sinkhorn_alpha"])
+    forecast, mixture_sigma = _mixture(weights, kernel.kernel_predictions, kernel.kernel_sigmas)
+    ema_variance = jnp.var(jnp.diff(kernel.window))
+    volatility = jnp.sqrt(ema_variance) / _window_scale(kernel.window, params)
     zero_f = jnp.zeros((), dtype)
     zero_i = jnp.zeros((), jnp.int64)
-    false = jnp.asarray(False)
-    state = PredictorState(
-        forecast=forecast, forecast_sigma=mixture_sigma, mixture_sigma=mixture_sigma,
-        kernel_predictions=preds, kernel_sigmas=sigmas, weights=weights,
-        kernel_loss=jnp.zeros((NUM_KERNELS,), dtype), window=window, ema_variance=ema_variance,
-        calibration_z2=jnp.ones((), dtype), cusum_g_plus=zero_f, cusum_g_minus=zero_f,
+    return FusionState(
+        forecast=forecast, forecast_sigma=mixture_sigma, mixture_sigma=mixture_sigma, weights=weights,
+        kernel_loss=jnp.zeros((NUM_KERNELS,), dtype), ema_variance=ema_variance, calibration_z2=jnp.ones((), dtype),
+        cusum_g_plus=zero_f, cusum_g_minus=zero_f,
         cusum_h=cusum.cusum_threshold(params["kurtosis_reference"], params["cusum_h"], params["kurtosis_reference"]),
         grace=zero_i, z_window=jnp.zeros((static.residual_window_size,), dtype), z_count=zero_i,
-        kurtosis=params["kurtosis_reference"].astype(dtype), volatility=volatility, epsilon=epsilon,
-        holder_exponent=holder, dgm_entropy=entropy, dgm_entropy_baseline=entropy,
-        degraded=false, clean_streak=zero_i, frozen=false, reference_variance=jnp.var(window),
-        emergency=jnp.asarray(False), collapse_streak=zero_i,
-        last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), consecutive_outliers=zero_i,
-        steps=zero_i, key=key, kernel_carries=carries, telemetry=_zero_telemetry(),
-    )
-    return state, _output_of(state, params, rejected=false, regime_change=false, outlier=false, stale=false,
-                             gap=false, free_energy=zero_f, converged=jnp.asarray(True), sinkhorn_error=zero_f,
-                             residual=jnp.full((), jnp.nan, dtype), z_score=jnp.full((), jnp.nan, dtype),
-                             collapse_warning=false)
+        kurtosis=params["kurtosis_reference"].astype(dtype), volatility=volatility,
+        epsilon=fusion.sinkhorn_epsilon(volatility, params["sinkhorn_epsilon_0"], params["sinkhorn_epsilon_min"],
+                                        params["sinkhorn_alpha"]),
+        emergency=jnp.asarray(False), collapse_streak=zero_i, dgm_entropy_baseline=kernel.dgm_entropy,
+        telemetry=_zero_telemetry())
 
 
-def _output_of(state: PredictorState, params, *, rejected, regime_change, outlier, stale, gap, free_energy,
-               converged, sinkhorn_error, residual, z_score, collapse_warning) -> StepOutput:
-    half_width = _interval_z(params) * state.forecast_sigma
+def _initial_output(kernel: KernelState, fused: FusionState, params) -> StepOutput:
+    dtype = kernel.window.dtype
+    zero_f, false, nan = jnp.zeros((), dtype), jnp.asarray(False), jnp.full((), jnp.nan, dtype)
+    return _output(fused, params, predictions=kernel.kernel_predictions, sigmas=kernel.kernel_sigmas,
+                   holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, degraded=kernel.degraded,
+                   frozen=kernel.frozen, rejected=false, regime_change=false, outlier=false, stale=false, gap=false,
+                   free_energy=zero_f, converged=jnp.asarray(True), sinkhorn_error=zero_f, residual=nan, z_score=nan,
+                   collapse_warning=false)
+
+
+def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, static, params) -> tuple[PredictorState, StepOutput]:
+    """State after consuming ``history`` and the output of that moment: the forecast of the next value."""
+    kernel = kernel_init(history, timestamp_ns, key, static, params)
+    fused = fusion_init(kernel, static, params)
+    return PredictorState(kernel, fused), _initial_output(kernel, fused, params)
+
+
+def _output(f: FusionState, params, *, predictions, sigmas, holder, entropy, degraded, frozen, rejected,
+            regime_change, outlier, stale, gap, free_energy, converged, sinkhorn_error, residual, z_score,
+            collapse_warning) -> StepOutput:
+    half_width = _interval_z(params) * f.forecast_sigma
     return StepOutput(
-        prediction=state.forecast, lower=state.forecast - half_width, upper=state.forecast + half_width,
-        sigma=state.forecast_sigma, mode=gate.operating_mode(state.emergency, state.degraded),
-        regime_change=regime_change, degraded=state.degraded, emergency=state.emergency, rejected=rejected,
-        outlier=outlier, stale=stale, gap=gap, frozen=state.frozen, weights=state.weights,
-        kernel_predictions=state.kernel_predictions, kernel_sigmas=state.kernel_sigmas, epsilon=state.epsilon,
-        cusum_h=state.cusum_h, cusum_g_plus=state.cusum_g_plus, cusum_g_minus=state.cusum_g_minus,
-        kurtosis=state.kurtosis, holder_exponent=state.holder_exponent, dgm_entropy=state.dgm_entropy,
-        free_energy=free_energy, sinkhorn_converged=converged, sinkhorn_error=sinkhorn_error, residual=residual,
-        z_score=z_score, volatility=state.volatility, mode_collapse_warning=collapse_warning,
+        prediction=f.forecast, lower=f.forecast - half_width, upper=f.forecast + half_width, sigma=f.forecast_sigma,
+        mode=gate.operating_mode(f.emergency, degraded), regime_change=regime_change, degraded=degraded,
+        emergency=f.emergency, rejected=rejected, outlier=outlier, stale=stale, gap=gap, frozen=frozen,
+        weights=f.weights, kernel_predictions=predictions, kernel_sigmas=sigmas, epsilon=f.epsilon,
+        cusum_h=f.cusum_h, cusum_g_plus=f.cusum_g_plus, cusum_g_minus=f.cusum_g_minus, kurtosis=f.kurtosis,
+        holder_exponent=holder, dgm_entropy=entropy, free_energy=free_energy, sinkhorn_converged=converged,
+        sinkhorn_error=sinkhorn_error, residual=residual, z_score=z_score, volatility=f.volatility,
+        mode_collapse_warning=collapse_warning,
     )
 
 
-def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
-         static, params) -> tuple[PredictorState, StepOutput]:
-    """Consume one observation; return the new state and the forecast of the next value."""
-    dtype = state.window.dtype
+def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
+                static, params) -> tuple[KernelState, KernelTrack]:
+    """Gate the observation, update the window and degraded mode, and let the kernels forecast the next value."""
+    params = kernel_side(params)
+    dtype = k.window.dtype
     y = jnp.asarray(y, dtype)
-    n = static.base_min_signal_length
 
     # 1. ingestion gate
     decision = gate.gate_observation(
-        y, timestamp_ns, now_ns, state.last_timestamp_ns, state.window, state.consecutive_outliers,
+        y, timestamp_ns, now_ns, k.last_timestamp_ns, k.window, k.consecutive_outliers,
         outlier_z_threshold=params["outlier_z_threshold"],
         outlier_max_consecutive=params["outlier_max_consecutive"], staleness_ttl_ns=params["staleness_ttl_ns"],
         max_gap_ns=params["max_gap_ns"])
     rejected = decision.rejected
-    y_ok = jnp.where(rejected, state.window[-1], y)
+    y_ok = jnp.where(rejected, k.window[-1], y)
+
+    # frozen signal, staleness and gaps -> degraded (with hysteresis)
+    window = jnp.concatenate([k.window[1:], y_ok[None]])
+    frozen = gate.is_frozen(window, params["frozen_signal_min_steps"]) | (
+        k.frozen & ~gate.has_recovered(window, params["frozen_signal_recovery_steps"], k.reference_variance,
+                                       params["frozen_signal_recovery_ratio"]))
+    degraded, clean_streak = gate.degraded_hysteresis(decision.stale | decision.gap | frozen, k.degraded,
+                                                      k.clean_streak, params["frozen_signal_recovery_steps"])
+
+    # 6. window update and the kernels' forecasts of y_{t+1} (thresholds from the previous Hoelder exponent)
+    key, forecast_key = jax.random.split(k.key)
+    aug = _with_adaptive(params, k.holder_exponent)
+    preds, sigmas, meta, carries = _forecast_all(window, k.kernel_carries, forecast_key, static, aug)
+    entropy, collapsed = _entropy_metadata(meta, dtype)
+    accepted = KernelState(
+        window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas,
+        holder_exponent=meta.get("holder_exponent", k.holder_exponent), dgm_entropy=entropy, mode_collapse=collapsed,
+        degraded=degraded, clean_streak=clean_streak, frozen=frozen,
+        reference_variance=jnp.where(frozen, k.reference_variance, jnp.var(window)),
+        last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), consecutive_outliers=decision.consecutive_outliers,
+        steps=k.steps + 1, key=key)
+    # A rejected observation changes nothing but the gate counters (SPEC §3.3 step 1).
+    new = jax.tree.map(lambda old, fresh: jnp.where(rejected, old, fresh), k, accepted)
+    new = eqx.tree_at(lambda s: s.consecutive_outliers, new, decision.consecutive_outliers)
+    track = KernelTrack(
+        rejected=rejected, non_finite=decision.non_finite, outlier=decision.outlier,
+        out_of_order=decision.out_of_order, stale=decision.stale, gap=decision.gap, frozen=new.frozen,
+        degraded=new.degraded, value=y_ok, center=jnp.mean(k.window), scale=_window_scale(k.window, params),
+        prev_predictions=k.kernel_predictions, prev_sigmas=k.kernel_sigmas,
+        prev_holder_exponent=k.holder_exponent, predictions=new.kernel_predictions, sigmas=new.kernel_sigmas,
+        holder_exponent=new.holder_exponent, dgm_entropy=new.dgm_entropy, mode_collapse=new.mode_collapse)
+    return new, track
+
+
+def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[FusionState, StepOutput]:
+    """Residual, volatility, CUSUM, weights and the calibrated mixture of one step, given the kernel track."""
+    dtype = f.weights.dtype
+    rejected = tr.rejected
 
     # 2. residual against the forecast made before y was seen (SPEC §12.5)
-    residual = y_ok - state.forecast
-    z = residual / state.forecast_sigma
-    z_raw = residual / state.mixture_sigma
+    residual = tr.value - f.forecast
+    z = residual / f.forecast_sigma
+    z_raw = residual / f.mixture_sigma
 
     # 3. volatility
     alpha = params["volatility_alpha"]
-    ema_variance = alpha * residual**2 + (1 - alpha) * state.ema_variance
-    scale = _window_scale(state.window, params)
-    volatility = jax.lax.stop_gradient(jnp.sqrt(ema_variance) / scale)
+    ema_variance = alpha * residual**2 + (1 - alpha) * f.ema_variance
+    volatility = jax.lax.stop_gradient(jnp.sqrt(ema_variance) / tr.scale)
 
     # 4. CUSUM with the kurtosis-adaptive threshold. h_t comes from the residuals before z_t: the value under
     # test must not raise its own threshold (one 10-sigma jump would otherwise lift h_t above its statistic).
     r = static.residual_window_size
-    kurtosis = cusum.window_kurtosis(state.z_window, state.z_count, min_samples=params["kurtosis_min_samples"],
+    kurtosis = cusum.window_kurtosis(f.z_window, f.z_count, min_samples=params["kurtosis_min_samples"],
                                      reference=params["kurtosis_reference"], low=params["kurtosis_min"],
                                      high=params["kurtosis_max"])
     cusum_h = cusum.cusum_threshold(kurtosis, params["cusum_h"], params["kurtosis_reference"])
-    z_window = state.z_window.at[state.z_count % r].set(z)
-    z_count = state.z_count + 1
-    cu = cusum.cusum_update(state.cusum_g_plus, state.cusum_g_minus, state.grace, z, k=params["cusum_k"], h=cusum_h,
+    cu = cusum.cusum_update(f.cusum_g_plus, f.cusum_g_minus, f.grace, z, k=params["cusum_k"], h=cusum_h,
                             grace_period=params["grace_period_steps"])
 
-    # frozen signal, staleness and gaps -> degraded (with hysteresis)
-    window = jnp.concatenate([state.window[1:], y_ok[None]])
-    frozen = gate.is_frozen(window, params["frozen_signal_min_steps"]) | (
-        state.frozen & ~gate.has_recovered(window, params["frozen_signal_recovery_steps"], state.reference_variance,
-                                           params["frozen_signal_recovery_ratio"]))
-    reference_variance = jnp.where(frozen, state.reference_variance, jnp.var(window))
-    degraded, clean_streak = gate.degraded_hysteresis(decision.stale | decision.gap | frozen, state.degraded,
-                                                      state.clean_streak, params["frozen_signal_recovery_steps"])
-
     # emergency from the Hoelder exponent of the previous step's window (known before y_t arrives)
-    emergency = gate.emergency_update(state.emergency, state.holder_exponent,
+    emergency = gate.emergency_update(f.emergency, tr.prev_holder_exponent,
                                       holder_threshold=params["holder_threshold"],
                                       holder_hysteresis=params["holder_hysteresis"],
                                       dimension_threshold=params["robustness_dimension_threshold"])
@@ -198,76 +264,72 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
                                   safety_factor=params["jko_safety_factor"],
                                   window_floor=params["entropy_window_floor"], window_cap=params["entropy_window"],
                                   learning_rate_max=params["learning_rate_max"])
-    step_losses = fusion.kernel_losses(y_ok, state.kernel_predictions, state.kernel_sigmas, scale, kind=static.fusion_loss)
+    step_losses = fusion.kernel_losses(tr.value, tr.prev_predictions, tr.prev_sigmas, tr.scale, kind=static.fusion_loss)
     rate = 2.0 / (jko.window.astype(dtype) + 1.0)
-    kernel_loss = jnp.where(cu.regime_change, 0.0, (1 - rate) * state.kernel_loss + rate * step_losses)
+    kernel_loss = jnp.where(cu.regime_change, 0.0, (1 - rate) * f.kernel_loss + rate * step_losses)
     target = fusion.gibbs_target(kernel_loss, params["fusion_temperature"])
     use_huber = emergency | (static.sinkhorn_cost_type == "huber")
-    cost = fusion.transport_cost((state.kernel_predictions - jnp.mean(state.window)) / scale, use_huber,
-                                 params["sinkhorn_huber_delta"])
-    transport = fusion.sinkhorn(state.weights, target, cost, epsilon, num_iters=static.sinkhorn_max_iter,
+    cost = fusion.transport_cost((tr.prev_predictions - tr.center) / tr.scale, use_huber, params["sinkhorn_huber_delta"])
+    transport = fusion.sinkhorn(f.weights, target, cost, epsilon, num_iters=static.sinkhorn_max_iter,
                                 atol=params["validation_simplex_atol"])
-    jko_weights = fusion.jko_update(state.weights, transport.plan, jko.tau)
+    jko_weights = fusion.jko_update(f.weights, transport.plan, jko.tau)
     emergency_weights = jnp.zeros((NUM_KERNELS,), dtype).at[-1].set(1.0)
     uniform = jnp.full((NUM_KERNELS,), 1.0 / NUM_KERNELS, dtype)
     force_d = emergency & static.robustness_force_kernel_d
-    frozen_weights = (state.grace > 0) | degraded
+    frozen_weights = (f.grace > 0) | tr.degraded
     weights = jnp.where(force_d, emergency_weights,
-                        jnp.where(cu.regime_change, uniform, jnp.where(frozen_weights, state.weights, jko_weights)))
+                        jnp.where(cu.regime_change, uniform, jnp.where(frozen_weights, f.weights, jko_weights)))
 
-    # 6. window update, kernel forecasts of y_{t+1}, calibrated mixture
-    key, forecast_key = jax.random.split(state.key)
-    aug = _with_adaptive(params, state.holder_exponent)
-    preds, sigmas, meta, carries = _forecast_all(window, state.kernel_carries, forecast_key, static, aug)
-    forecast, mixture_sigma = _mixture(weights, preds, sigmas)
+    # 6. calibrated mixture of the kernels' forecasts of y_{t+1}
+    forecast, mixture_sigma = _mixture(weights, tr.predictions, tr.sigmas)
     beta = params["calibration_alpha"]
-    calibration_z2 = (1 - beta) * state.calibration_z2 + beta * jnp.minimum(z_raw**2, _CALIBRATION_Z2_CAP)
+    calibration_z2 = (1 - beta) * f.calibration_z2 + beta * jnp.minimum(z_raw**2, _CALIBRATION_Z2_CAP)
     forecast_sigma = mixture_sigma * jnp.sqrt(calibration_z2)
 
     # 7. adaptive layer for the next step
-    holder = meta.get("holder_exponent", state.holder_exponent)
-    entropy, collapsed = _entropy_metadata(meta, dtype)
-    collapse_streak = jnp.where(collapsed, state.collapse_streak + 1, 0)
+    collapse_streak = jnp.where(tr.mode_collapse, f.collapse_streak + 1, 0).astype(jnp.int64)
     patience = adaptive.mode_collapse_patience(jko.window, min_threshold=params["mode_collapse_min_threshold"],
                                                window_ratio=params["mode_collapse_window_ratio"])
     collapse_warning = collapse_streak >= patience
     # Differential entropies can be negative, so capacity scaling compares entropy powers exp(H - H0).
-    capacity_request = jnp.exp(entropy - state.dgm_entropy_baseline) > params["entropy_scaling_trigger"]
+    capacity_request = jnp.exp(tr.dgm_entropy - f.dgm_entropy_baseline) > params["entropy_scaling_trigger"]
 
-    accepted = PredictorState(
-        forecast=forecast, forecast_sigma=forecast_sigma, mixture_sigma=mixture_sigma, kernel_predictions=preds,
-        kernel_sigmas=sigmas, weights=weights, kernel_loss=kernel_loss, window=window, ema_variance=ema_variance,
-        calibration_z2=calibration_z2, cusum_g_plus=cu.g_plus, cusum_g_minus=cu.g_minus, cusum_h=cusum_h,
-        grace=cu.grace, z_window=z_window, z_count=z_count, kurtosis=kurtosis, volatility=volatility,
-        epsilon=epsilon, holder_exponent=holder, dgm_entropy=entropy,
-        dgm_entropy_baseline=state.dgm_entropy_baseline, degraded=degraded, clean_streak=clean_streak,
-        frozen=frozen, reference_variance=reference_variance, emergency=emergency,
-        collapse_streak=collapse_streak.astype(jnp.int64), last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
-        consecutive_outliers=decision.consecutive_outliers, steps=state.steps + 1, key=key, kernel_carries=carries,
-        telemetry=state.telemetry,
-    )
-    # A rejected observation changes nothing but the gate counters (SPEC §3.3 step 1).
-    new_state = jax.tree.map(lambda old, new: jnp.where(rejected, old, new), state, accepted)
+    accepted = FusionState(
+        forecast=forecast, forecast_sigma=forecast_sigma, mixture_sigma=mixture_sigma, weights=weights,
+        kernel_loss=kernel_loss, ema_variance=ema_variance, calibration_z2=calibration_z2, cusum_g_plus=cu.g_plus,
+        cusum_g_minus=cu.g_minus, cusum_h=cusum_h, grace=cu.grace,
+        z_window=f.z_window.at[f.z_count % r].set(z), z_count=f.z_count + 1, kurtosis=kurtosis,
+        volatility=volatility, epsilon=epsilon, emergency=emergency, collapse_streak=collapse_streak,
+        dgm_entropy_baseline=f.dgm_entropy_baseline, telemetry=f.telemetry)
+    new = jax.tree.map(lambda old, fresh: jnp.where(rejected, old, fresh), f, accepted)
     regime_change = cu.regime_change & ~rejected
-    t = state.telemetry
+    t = f.telemetry
     one = jnp.ones((), jnp.int64)
     telemetry = Telemetry(
-        rejected=t.rejected + rejected * one, non_finite=t.non_finite + decision.non_finite * one,
-        outliers=t.outliers + decision.outlier * one, out_of_order=t.out_of_order + decision.out_of_order * one,
-        stale=t.stale + decision.stale * one, gaps=t.gaps + decision.gap * one,
-        frozen=t.frozen + (frozen & ~rejected) * one, regime_changes=t.regime_changes + regime_change * one,
-        emergency_steps=t.emergency_steps + (new_state.emergency & ~rejected) * one,
+        rejected=t.rejected + rejected * one, non_finite=t.non_finite + tr.non_finite * one,
+        outliers=t.outliers + tr.outlier * one, out_of_order=t.out_of_order + tr.out_of_order * one,
+        stale=t.stale + tr.stale * one, gaps=t.gaps + tr.gap * one,
+        frozen=t.frozen + (tr.frozen & ~rejected) * one, regime_changes=t.regime_changes + regime_change * one,
+        emergency_steps=t.emergency_steps + (new.emergency & ~rejected) * one,
         sinkhorn_unconverged=t.sinkhorn_unconverged + (~transport.converged & ~rejected) * one,
         dgm_capacity_requests=t.dgm_capacity_requests + (capacity_request & ~rejected) * one,
     )
-    new_state = eqx.tree_at(lambda s: (s.telemetry, s.consecutive_outliers), new_state,
-                            (telemetry, decision.consecutive_outliers))
-    out = _output_of(new_state, params, rejected=rejected, regime_change=regime_change,
-                     outlier=decision.outlier, stale=decision.stale, gap=decision.gap,
-                     free_energy=transport.free_energy, converged=transport.converged,
-                     sinkhorn_error=transport.marginal_error, residual=jnp.where(rejected, jnp.nan, residual),
-                     z_score=jnp.where(rejected, jnp.nan, z), collapse_warning=collapse_warning & ~rejected)
-    return new_state, out
+    new = eqx.tree_at(lambda s: s.telemetry, new, telemetry)
+    out = _output(new, params, predictions=tr.predictions, sigmas=tr.sigmas, holder=tr.holder_exponent,
+                  entropy=tr.dgm_entropy, degraded=tr.degraded, frozen=tr.frozen, rejected=rejected,
+                  regime_change=regime_change, outlier=tr.outlier, stale=tr.stale, gap=tr.gap,
+                  free_energy=transport.free_energy, converged=transport.converged,
+                  sinkhorn_error=transport.marginal_error, residual=jnp.where(rejected, jnp.nan, residual),
+                  z_score=jnp.where(rejected, jnp.nan, z), collapse_warning=collapse_warning & ~rejected)
+    return new, out
+
+
+def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
+         static, params) -> tuple[PredictorState, StepOutput]:
+    """Consume one observation; return the new state and the forecast of the next value."""
+    kernel, track = kernel_step(state.kernel, y, timestamp_ns, now_ns, static, params)
+    fused, out = fusion_step(state.fusion, track, static, params)
+    return PredictorState(kernel, fused), out
 
 
 def _nan_output_like(out: StepOutput, length: int) -> StepOutput:
@@ -310,3 +372,31 @@ def run_trials(values, timestamps_ns, now_ns, key, static, params_batch) -> Step
     """``vmap`` over trials (dynamic parameters with a leading K axis) of :func:`run_panel`."""
     return jax.vmap(run_panel, in_axes=(None, None, None, None, None, 0))(values, timestamps_ns, now_ns, key, static,
                                                                            params_batch)
+
+
+def _run_series_shared(values, timestamps_ns, now_ns, key, static, kernel_params, params_batch) -> StepOutput:
+    m = static.base_min_signal_length
+    kernel = kernel_init(values[:m], timestamps_ns[m - 1], key, static, kernel_params)
+
+    def body(k, xs):
+        y, ts, now = xs
+        return kernel_step(k, y, ts, now, static, kernel_params)
+
+    _, tracks = jax.lax.scan(body, kernel, (values[m:], timestamps_ns[m:], now_ns[m:]))
+
+    def one_trial(params):
+        fused = fusion_init(kernel, static, params)
+        first = _initial_output(kernel, fused, params)
+        _, outs = jax.lax.scan(lambda f, tr: fusion_step(f, tr, static, params), fused, tracks)
+        head = _nan_output_like(first, m - 1)
+        return jax.tree.map(lambda a, b, c: jnp.concatenate([a, b[None], c]), head, first, outs)
+
+    return jax.vmap(one_trial)(params_batch)
+
+
+def run_trials_shared(values, timestamps_ns, now_ns, key, static, kernel_params, params_batch) -> StepOutput:
+    """Trials whose kernel-side parameters are identical: ONE kernel pass per series (scan), then ``vmap`` over
+    trials of the fusion scan on the recorded kernel track. Same outputs as :func:`run_trials`."""
+    out = jax.vmap(_run_series_shared, in_axes=(0, 0, 0, None, None, None, None))(
+        values, timestamps_ns, now_ns, key, static, kernel_params, params_batch)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)

@@ -89,7 +89,9 @@ def init_network_carry(key: PRNGKeyArray, width: int, depth: int, activation: st
                        dtype: Any = jnp.float64) -> DGMCarry:
     """A fresh, untrained carry (network + Adam state) of a given size; V(t, x) ~= x at start. Used by
     ``init_carry`` and by the engine's capacity scaling (SPEC §3.9), which re-initialises at a new size."""
-    params = eqx.filter(_build_network(key, width, depth, activation, jnp.dtype(dtype)), eqx.is_array)
+    # drawn in the default float dtype and cast, so that dgm_dtype changes only the rounding
+    params = eqx.filter(_build_network(key, width, depth, activation, jnp.result_type(float)), eqx.is_array)
+    params = jax.tree.map(lambda leaf: leaf.astype(dtype), params)
     # The Adam state's structure does not depend on the learning rate.
     return DGMCarry(params, _optimizer(1.0).init(params))
 
@@ -165,12 +167,13 @@ def dgm_loss(params, skeleton: DGMNet, t: Float[Array, " p"], x: Float[Array, " 
 
 def sample_collocation(key: PRNGKeyArray, x_low: Float[Array, ""], x_high: Float[Array, ""], num_points: int,
                        horizon: float = HORIZON):
-    """(t, x) drawn uniformly on [0, T] x [x_low, x_high]."""
+    """(t, x) drawn uniformly on [0, T] x [x_low, x_high], in the dtype of x_low (drawn in the default float
+    dtype and cast, so that dgm_dtype changes only the rounding)."""
     t_key, x_key = jax.random.split(key)
     dtype = jnp.result_type(x_low)
-    t = jax.random.uniform(t_key, (num_points,), dtype, 0.0, horizon)
-    x = jax.random.uniform(x_key, (num_points,), dtype, x_low, x_high)
-    return t, x
+    t = jax.random.uniform(t_key, (num_points,), minval=0.0, maxval=horizon)
+    x = jax.random.uniform(x_key, (num_points,), minval=x_low, maxval=x_high)
+    return t.astype(dtype), x.astype(dtype)
 
 
 def train_step(carry: DGMCarry, skeleton: DGMNet, key: PRNGKeyArray, coefficients: CoefficientFn,
@@ -310,7 +313,7 @@ def forecast(window: Float[Array, " n"], carry: DGMCarry, key: PRNGKeyArray, sta
                                                                  static.dgm_train_steps)
     net = eqx.combine(carry.params, skeleton_of(static))
     x_now = z[-1]
-    entropy_x = jax.random.uniform(entropy_key, (static.dgm_collocation_points,), z.dtype, x_low, x_high)
+    entropy_x = sample_collocation(entropy_key, x_low, x_high, static.dgm_collocation_points)[1]
     zero = jnp.zeros((), z.dtype)
     v0 = jax.vmap(net, in_axes=(None, 0))(zero, jnp.concatenate([x_now[None], entropy_x]))
     _, diffusion_sq, n_eff = coefficients(x_now[None])

@@ -20,9 +20,8 @@ Model, on the z-scored window z (observation interval = 1 time unit of the estim
   T = sde_numel_integrations * sde_dt model-time units. The prior diffusion is a rate per unit model time
   (it contributes sde_diffusion_sigma^2 T per interval), and the stiffness metric is a rate per unit model
   time: S = max over the window's states of (|d mu/dx| + (d sigma/dx)^2) / T, the fastest local
-  (mean-square) relaxation rate of the linearised SDE. With the defaults (T = 50 x 0.02 = 1) the engine's
-  thresholds theta_L = 100 and theta_H = 1000 are a per-step stiffness index r h of 2 (Euler–Maruyama's
-  stability limit for the linear test equation) and 20.
+  (mean-square) relaxation rate of the linearised SDE. With the defaults (T = 1, dt = 0.01) the engine's
+  thresholds theta_L = 100 and theta_H = 1000 are a per-step stiffness index r h of 1 and 10.
 - Scheme: explicit tamed Euler–Maruyama (Hutzenthaler–Jentzen–Kloeden; equals EM up to O(h^2) when
   h |mu| << 1 and cannot overflow when adaptive thresholds keep an explicit step past its stability limit)
   when S < theta_L, drift-implicit trapezoidal rule with ``_NEWTON_ITERATIONS`` Newton steps when

@@ -18,13 +18,15 @@ def base(small_config):
     p = Predictor(small_config)
     x = np.cumsum(np.random.default_rng(3).normal(size=p.min_history)) + 5.0
     state = p.init(x)
-    state = eqx.tree_at(lambda s: s.weights, state, SKEWED)
+    state = eqx.tree_at(lambda s: s.fusion.weights, state, SKEWED)
     return p, _set(state, holder_exponent=0.9)  # smooth: no emergency unless a test asks for it
 
 
 def _set(state, **fields):
     for name, value in fields.items():
-        state = eqx.tree_at(lambda s, n=name: getattr(s, n), state, jnp.asarray(value, getattr(state, name).dtype))
+        part = "kernel" if hasattr(state.kernel, name) else "fusion"
+        old = getattr(getattr(state, part), name)
+        state = eqx.tree_at(lambda s, n=name, p=part: getattr(getattr(s, p), n), state, jnp.asarray(value, old.dtype))
     return state
 
 
@@ -61,7 +63,7 @@ def test_grace_freezes_weights(base):
     res, new = _step(p, _set(state, grace=5))
     assert not bool(res.regime_change)
     np.testing.assert_array_equal(res.weights, SKEWED)
-    assert int(new.grace) == 4
+    assert int(new.fusion.grace) == 4
 
 
 def test_degraded_freezes_weights(base):

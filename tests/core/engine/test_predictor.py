@@ -181,3 +181,22 @@ def test_too_short_input_is_a_clear_error(predictor):
         predictor.run(np.zeros(predictor.min_history - 1))
     with pytest.raises(ValueError, match="at least"):
         predictor.init(np.zeros(3))
+
+
+def test_run_trials_shares_the_kernel_pass_only_when_kernel_parameters_agree(predictor, small_config):
+    from usp_core.engine.predictor import stack_params
+
+    x = _panel(14, b=2)
+    fusion_only = [small_config, small_config.replace({"orchestration.cusum_k": 0.9, "orchestration.sinkhorn_alpha": 0.1})]
+    mixed = [small_config, small_config.replace({"kernels.kernel_ridge_lambda": 1e-3})]
+    before = compile_counts()
+    shared = predictor.run_trials(x, stack_params(fusion_only))
+    after_shared = compile_counts()
+    full = predictor.run_trials(x, stack_params(mixed))
+    after_full = compile_counts()
+    assert after_shared["run_trials_shared"] <= before["run_trials_shared"] + 1
+    assert after_shared["run_trials"] == before["run_trials"]
+    assert after_full["run_trials_shared"] == after_shared["run_trials_shared"]
+    for out, cfgs in ((shared, fusion_only), (full, mixed)):
+        for k, c in enumerate(cfgs):
+            np.testing.assert_allclose(out.prediction[k], Predictor(c).run(x).prediction, rtol=1e-12, atol=1e-12)

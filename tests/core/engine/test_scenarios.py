@@ -21,10 +21,13 @@ def _series(seed=0, n=120):
 
 
 def _equal_states(a, b, ignore=("telemetry", "consecutive_outliers")):
-    for name in a.__dataclass_fields__:
-        if name in ignore:
-            continue
-        jax.tree.map(lambda x, y, n=name: np.testing.assert_array_equal(x, y, err_msg=n), getattr(a, name), getattr(b, name))
+    for part in ("kernel", "fusion"):
+        pa, pb = getattr(a, part), getattr(b, part)
+        for name in pa.__dataclass_fields__:
+            if name in ignore:
+                continue
+            jax.tree.map(lambda x, y, n=name: np.testing.assert_array_equal(x, y, err_msg=n), getattr(pa, name),
+                         getattr(pb, name))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 1e6])
