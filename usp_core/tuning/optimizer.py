@@ -292,10 +292,10 @@ class BayesianMetaOptimizer:
         if leader is None:
             return []
         batch = [(leader, self.space.suggest(leader))]
-        static = self.space.static_params(batch[0][1])
+        shared = self.space.shared_params(batch[0][1])
         for _ in range(k - 1):
             if self.share_static_in_batch:
-                self.study.enqueue_trial(static, skip_if_exists=False)
+                self.study.enqueue_trial(shared, skip_if_exists=False)
             trial = self._ask(budget)
             if trial is None:
                 break

@@ -78,9 +78,18 @@ class SearchSpace:
     def static_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params if p.field.static)
 
+    @property
+    def shared_names(self) -> tuple[str, ...]:
+        """Parameters a batch holds fixed: the static ones (one compilation) and the kernel-side dynamic ones,
+        so that the batch runs the kernels once and vmaps only the fusion over trials."""
+        from usp_core.engine.step import KERNEL_SIDE_PARAMS
+
+        return tuple(p.name for p in self.params if p.field.static or p.name in KERNEL_SIDE_PARAMS)
+
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        """Sample every parameter of the tier (static ones first, so a batch can fix them)."""
-        ordered = sorted(self.params, key=lambda p: not p.field.static)
+        """Sample every parameter of the tier (shared ones first, so a batch can fix them)."""
+        shared = set(self.shared_names)
+        ordered = sorted(self.params, key=lambda p: p.name not in shared)
         values = {p.name: _suggest(trial, p) for p in ordered}
         return {name: values[name] for name in self.names}
 
@@ -117,3 +126,6 @@ class SearchSpace:
 
     def static_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         return {name: params[name] for name in self.static_names}
+
+    def shared_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: params[name] for name in self.shared_names}
