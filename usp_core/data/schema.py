@@ -36,7 +36,7 @@ class ObservationError(ValueError):
 
 
 def _strictly_increasing_per_series(df: pd.DataFrame) -> bool:
-    return bool(df.groupby("series_id", sort=False)["ts"].apply(lambda s: s.is_monotonic_increasing and s.is_unique).all())
+    return all(s.is_monotonic_increasing and s.is_unique for _, s in df.groupby("series_id", sort=False)["ts"])
 
 
 OBSERVATION_SCHEMA = pa.DataFrameSchema(

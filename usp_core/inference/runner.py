@@ -125,16 +125,9 @@ def _output_rows(out, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.asarray(getattr(out, name))[idx] for name in out._fields}
 
 
-_SENTINEL = "\x00usp-sentinel"
-
-
 def _validate(validate, raw: pd.DataFrame, last_ts: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Row-level validation (history length is checked here, against stored history too). A valid sentinel row
-    is appended so that the schema never sees an empty clean frame (its per-series check fails on one)."""
-    sentinel = pd.DataFrame({"series_id": [_SENTINEL], "ts": ["2262-01-01T00:00:00Z"], "value": ["0"]})
-    good, quarantine = validate(pd.concat([raw.loc[:, ["series_id", "ts", "value"]], sentinel], ignore_index=True),
-                                0, last_ts=last_ts)
-    return good[good["series_id"] != _SENTINEL].reset_index(drop=True), quarantine
+    """Row-level validation (history length is checked here, against stored history too)."""
+    return validate(raw.loc[:, ["series_id", "ts", "value"]].reset_index(drop=True), 0, last_ts=last_ts)
 
 
 def _split_replayed(quarantine: pd.DataFrame, history: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -287,7 +280,7 @@ def run_inference(
         state_rows.append({
             "series_id": sid, "config_version": cfg.version, "state": payload, "state_sha256": digest,
             "last_ts": pd.Timestamp(int(np.asarray(st.last_timestamp_ns)), unit="ns"),
-            "n_steps": int(np.asarray(st.steps)), "dagster_run_id": run_id, "updated_at": created_at,
+            "n_steps": int(np.asarray(st.kernel.steps)), "dagster_run_id": run_id, "updated_at": created_at,
         })
     predictions = pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame()
     q_rows = quarantine_records(quarantine, source=str(path), run_id=run_id, source_sha256=sha, created_at=created_at)

@@ -123,10 +123,15 @@ def partition_exponents(suprema: Float[Array, "S L"], is_max: Bool[Array, "S L"]
                         q: Float[Array, " Q"]) -> tuple[Float[Array, " Q"], Bool[Array, ""]]:
     """tau(q): least-squares slope of log Z(q, s) on log s over the scales with enough maxima."""
     log_sup = jnp.log(jnp.where(is_max, suprema, 1.0))
-    terms = jnp.where(is_max[None], q[:, None, None] * log_sup[None], -jnp.inf)  # (Q, S, L)
     counts = jnp.sum(is_max, axis=-1)
     usable = counts >= MIN_MAXIMA_PER_SCALE
-    log_z = jnp.where(usable[None], jax.nn.logsumexp(jnp.where(usable[None, :, None], terms, 0.0), axis=-1), 0.0)
+    # log-sum-exp over the maxima with the largest term q * (max or min of log sup) taken out: that needs
+    # two reductions over L per scale instead of one per (q, scale)
+    top = jnp.max(jnp.where(is_max, log_sup, -jnp.inf), axis=-1)
+    bottom = jnp.min(jnp.where(is_max, log_sup, jnp.inf), axis=-1)
+    shift = jnp.where(usable[None], q[:, None] * jnp.where(q[:, None] > 0, top[None], bottom[None]), 0.0)  # (Q, S)
+    terms = jnp.where(is_max[None], jnp.exp(q[:, None, None] * log_sup[None] - shift[..., None]), 0.0)  # (Q, S, L)
+    log_z = jnp.where(usable[None], jnp.log(jnp.maximum(jnp.sum(terms, axis=-1), 1e-300)) + shift, 0.0)
     weight = usable.astype(suprema.dtype)
     n_used = jnp.sum(weight)
     log_s = jnp.log(scales)
