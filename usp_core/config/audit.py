@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from usp_core.durable import fsync_directory
+
 Event = Literal["MUTATION_APPLIED", "MUTATION_REJECTED", "ROLLBACK"]
 EVENTS: tuple[str, ...] = ("MUTATION_APPLIED", "MUTATION_REJECTED", "ROLLBACK")
 GENESIS_SHA256 = "0" * 64
@@ -53,14 +55,6 @@ def _record_digest(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "sha256"})).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _last_line(fd: int) -> bytes | None:
     """The last complete line of the file open at ``fd`` (without its newline), or None if empty."""
     size = os.fstat(fd).st_size
@@ -90,7 +84,7 @@ def _locked_append_fd(path: Path) -> Iterator[int]:
     finally:
         os.close(fd)  # closing releases the flock
     if created:
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
 
 
 def append_audit_record(

@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from usp_core.config.schema import ALL_FIELDS, BY_KEY, DYNAMIC_FIELDS, SECTIONS, STATIC_FIELDS, Field, cross_field_errors
+from usp_core.config.schema import (
+    ALL_FIELDS,
+    BY_KEY,
+    DYNAMIC_FIELDS,
+    SECTIONS,
+    STATIC_FIELDS,
+    Field,
+    cross_field_errors,
+)
 
 ENV_PREFIX = "USP_"
 

@@ -33,6 +33,7 @@ import tomlkit
 from usp_core.config.audit import append_audit_record, count_recent, read_audit_records, utc_now
 from usp_core.config.loader import ConfigError, PredictorConfig, coerce_value, flatten_toml, resolve_key
 from usp_core.config.schema import BY_KEY
+from usp_core.durable import fsync_directory, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +80,6 @@ def fault_point(name: str) -> None:
         time.sleep(float(pause.partition(":")[2] or 0.1))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lock_path_for(config_path: str | os.PathLike[str]) -> Path:
     p = Path(config_path)
     return p.parent / f".{p.name}.lock"
@@ -121,7 +104,7 @@ def config_lock(config_path: str | os.PathLike[str], *, timeout: float = 30.0) -
                 time.sleep(0.005)
         stale_pid = None
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        if previous.isdigit() and int(previous) != os.getpid() and not _pid_alive(int(previous)):
+        if previous.isdigit() and int(previous) != os.getpid() and not pid_alive(int(previous)):
             stale_pid = int(previous)
             log.warning("cleared stale config lock %s of dead pid %d", lock_path, stale_pid)
             _remove_stale_temps(Path(config_path))
@@ -169,7 +152,7 @@ def _write_file_durably(path: Path, data: bytes, *, mode: int, exclusive: bool, 
         tmp.unlink(missing_ok=True)
         raise
     fault_point(f"{tag}replaced")
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
     fault_point(f"{tag}dir_fsynced")
 
 

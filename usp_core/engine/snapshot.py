@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from usp_core.durable import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"USPSNAP1"
@@ -124,28 +126,6 @@ def decode_state(blob: bytes, template: Any, *, static_key: str | None = None) -
         else:
             rebuilt.append(jax.numpy.asarray(arr.astype(arr.dtype.newbyteorder("="))))
     return jax.tree_util.tree_unflatten(treedef, rebuilt), header
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """tmp in the same directory -> fsync -> rename -> fsync(directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class SnapshotStore:

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtri
 from jaxtyping import Array, Float, Int
 
-from usp_core.engine import adaptive, cusum, fusion, gate
 from usp_core.config.schema import FIELDS
+from usp_core.engine import adaptive, cusum, fusion, gate
 from usp_core.engine.state import (
     NUM_KERNELS,
     FusionState,

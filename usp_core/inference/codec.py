@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from usp_core.engine.snapshot import SnapshotError, decode_state as _decode, encode_state as _encode
+from usp_core.engine.snapshot import SnapshotError
+from usp_core.engine.snapshot import decode_state as _decode
+from usp_core.engine.snapshot import encode_state as _encode
 
 
 class StateDecodeError(SnapshotError):

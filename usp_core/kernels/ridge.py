@@ -17,8 +17,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
-import jax.numpy as jnp
 import jax.lax.linalg as lax_linalg
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 

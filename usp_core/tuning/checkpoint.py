@@ -13,7 +13,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import optuna
 from optuna.distributions import distribution_to_json, json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
+
+from usp_core.durable import atomic_write_bytes
 
 FORMAT = "usp-optuna-study"
 FORMAT_VERSION = 1
@@ -93,34 +94,6 @@ def study_to_document(study: optuna.Study, meta: Mapping[str, Any] | None = None
         "meta": _jsonable(dict(meta or {})),
         "trials": [trial_to_dict(t) for t in sorted(trials, key=lambda t: t.number)],
     }
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """tmp in the same directory -> fsync -> os.replace -> fsync(directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:

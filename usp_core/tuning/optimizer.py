@@ -38,6 +38,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from usp_core.config.loader import ConfigError, PredictorConfig
+from usp_core.durable import pid_alive
 from usp_core.tuning import checkpoint as ckpt
 from usp_core.tuning.report import OptimizationReport, build_report
 from usp_core.tuning.space import SearchSpace, TierName
@@ -172,16 +173,6 @@ def _space_signature(space: SearchSpace) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class BayesianMetaOptimizer:
     """Batched ask/tell TPE campaign over one tier's search space (SPEC §5)."""
 
@@ -257,7 +248,7 @@ class BayesianMetaOptimizer:
         owner = t.user_attrs.get("usp_worker")
         if owner == self.worker:
             return False
-        if isinstance(owner, dict) and owner.get("host") == self.worker["host"] and not _pid_alive(int(owner["pid"])):
+        if isinstance(owner, dict) and owner.get("host") == self.worker["host"] and not pid_alive(int(owner["pid"])):
             return True
         beat = t.user_attrs.get("usp_heartbeat")
         last = float(beat) if beat is not None else (t.datetime_start.timestamp() if t.datetime_start else now)

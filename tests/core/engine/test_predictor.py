@@ -1,7 +1,6 @@
 """Properties of the whole predictor (SPEC §3.3): causality, equivariance, determinism, vmap parity,
 step == run, simplex, no recompilation on dynamic changes, snapshot/restore."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
