@@ -62,4 +62,10 @@ def to_data_units(pred_z: Float[Array, ""], sigma_z: Float[Array, ""], loc, scal
     return loc + scale * pred_z, sigma
 
 
+def tiny_floor(dtype) -> float:
+    """1e-300 as a positive floor, or the smallest normal number of ``dtype`` where 1e-300 would round to 0
+    (float32)."""
+    return max(1e-300, float(jnp.finfo(dtype).tiny))
+
+
 KeyArray = PRNGKeyArray

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from usp_core.kernels.contract import ForecastKernel, KernelResult, to_data_units, zscore
+from usp_core.kernels.contract import ForecastKernel, KernelResult, tiny_floor, to_data_units, zscore
 from usp_core.kernels.wtmm import holder_exponent
 
 METADATA_KEYS: tuple[str, ...] = ("holder_exponent",)
@@ -90,9 +90,10 @@ def fit_ridge(gram: Float[Array, "m m"], y: Float[Array, " m"], ratio: Float[Arr
     chol_inv = lax_linalg.triangular_solve(chol, jnp.eye(m, dtype=gram.dtype), left_side=False, lower=True)
     alpha = chol_inv.T @ (chol_inv @ y)
     trace_inv = jnp.sum(chol_inv**2)  # tr (K + sI)^-1, and m - tr H = s tr (K + sI)^-1
-    noise_var = ratio * jnp.sum(alpha**2) / jnp.maximum(trace_inv, 1e-300)  # residual y - K alpha = s alpha
+    tiny = tiny_floor(y.dtype)
+    noise_var = ratio * jnp.sum(alpha**2) / jnp.maximum(trace_inv, tiny)  # residual y - K alpha = s alpha
     power = jnp.mean(y**2)
-    signal_var = jnp.maximum(power - noise_var, 0.01 * power) + 1e-300
+    signal_var = jnp.maximum(power - noise_var, 0.01 * power) + tiny
     return RidgeFit(chol_inv, alpha, noise_var, signal_var)
 
 

@@ -37,7 +37,7 @@ masked jumps and a traced explicit/implicit blend with static shapes, which is a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -199,12 +199,14 @@ def levy_increments(
 ) -> Float[Array, "*shape"]:
     """Increments of a truncated alpha-stable Levy motion over ``step``: step^(1/alpha) X / sqrt(2), X ~ S1
     stable, clipped at +-_LEVY_CLIP; exactly N(0, step) when alpha >= 1.99."""
+    dtype = jnp.result_type(step)
+
     def gaussian(k):
         # float32 draws: half the PRNG words of float64, and PRNG cost dominates this kernel
-        return jax.random.normal(k, shape, jnp.float32).astype(jnp.result_type(float))
+        return jax.random.normal(k, shape, jnp.float32).astype(dtype)
 
     def stable(k):
-        return jnp.clip(stable_sample(k, alpha, beta, shape) / jnp.sqrt(2.0), -_LEVY_CLIP, _LEVY_CLIP)
+        return jnp.clip(stable_sample(k, alpha, beta, shape, dtype) / jnp.sqrt(2.0), -_LEVY_CLIP, _LEVY_CLIP)
 
     unit = jax.lax.cond(alpha >= _GAUSSIAN_ALPHA, gaussian, stable, key)
     return step ** (1.0 / jnp.where(alpha >= _GAUSSIAN_ALPHA, 2.0, alpha)) * unit
@@ -212,16 +214,19 @@ def levy_increments(
 
 def jump_increments(
     key: PRNGKeyArray, intensity: Float[Array, ""], mean: Float[Array, ""], scale: Float[Array, ""],
-    num_steps: int, num_paths: int, max_events: int,
+    num_steps: int, num_paths: int, max_events: int, dtype: Any = None,
 ) -> Float[Array, "k p"]:
     """Compound-Poisson jumps per integration step over one observation interval: ``max_events`` candidate
     arrivals per path from exponential inter-arrival times (rate ``intensity``), sizes N(mean, scale^2);
-    arrivals after the interval are masked, so a path has at most ``max_events`` jumps."""
+    arrivals after the interval are masked, so a path has at most ``max_events`` jumps. ``dtype`` defaults to
+    the default float dtype."""
     gap_key, size_key = jax.random.split(key)
-    dtype = jnp.result_type(float)
-    gaps = jax.random.exponential(gap_key, (num_paths, max_events), dtype)
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    # drawn in the default float dtype and cast, so that core.dtype changes only the rounding
+    draw_dtype = jnp.result_type(float)
+    gaps = jax.random.exponential(gap_key, (num_paths, max_events), draw_dtype).astype(dtype)
     arrival = jnp.cumsum(gaps, axis=1) / jnp.maximum(intensity, 1e-300)
-    sizes = mean + scale * jax.random.normal(size_key, (num_paths, max_events), dtype)
+    sizes = mean + scale * jax.random.normal(size_key, (num_paths, max_events), draw_dtype).astype(dtype)
     sizes = jnp.where(arrival < 1.0, sizes, 0.0)
     step_index = jnp.clip(jnp.floor(arrival * num_steps).astype(jnp.int32), 0, num_steps - 1)
     path_index = jnp.broadcast_to(jnp.arange(num_paths)[:, None], step_index.shape)
@@ -229,7 +234,7 @@ def jump_increments(
 
 
 def init_carry(past, static, params, key):
-    return jnp.zeros(())
+    return jnp.zeros((), past.dtype)
 
 
 def forecast(window, carry, key, static, params) -> KernelResult:
@@ -245,7 +250,8 @@ def forecast(window, carry, key, static, params) -> KernelResult:
     step = jnp.asarray(1.0 / num_steps, z.dtype)
     noise = levy_increments(noise_key, params["kernel_c_alpha"], params["kernel_c_beta"], step, (num_steps, num_paths))
     jumps = jump_increments(jump_key, params["kernel_c_jump_intensity"], params["kernel_c_jump_mean"],
-                            params["kernel_c_jump_scale"], num_steps, num_paths, static.kernel_c_max_events)
+                            params["kernel_c_jump_scale"], num_steps, num_paths, static.kernel_c_max_events,
+                            z.dtype)
     terminal = integrate_sde(coef.drift, coef.diffusion, jnp.full((num_paths,), z[-1]), step, noise, jumps,
                              weight, tamed=True)
     variance = (jnp.var(terminal, ddof=1) + coef.estimation_var) * (1.0 + 1.0 / num_paths)

@@ -8,6 +8,8 @@ alpha = 2 the law is N(0, 2).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -37,13 +39,14 @@ def cms_transform(
 
 
 def stable_sample(
-    key: PRNGKeyArray, alpha: Float[Array, ""], beta: Float[Array, ""], shape: tuple[int, ...]
+    key: PRNGKeyArray, alpha: Float[Array, ""], beta: Float[Array, ""], shape: tuple[int, ...],
+    dtype: Any = None,
 ) -> Float[Array, "*shape"]:
-    """i.i.d. S_alpha(1, beta, 0) variates (S1 parametrisation; N(0, 2) at alpha = 2), in the default float
-    dtype. The uniforms are drawn in float32 (half the PRNG words of float64; this is the hot loop of
+    """i.i.d. S_alpha(1, beta, 0) variates (S1 parametrisation; N(0, 2) at alpha = 2), in ``dtype`` (default:
+    the default float dtype). The uniforms are drawn in float32 (half the PRNG words of float64; this is the hot loop of
     Kernel C), which only coarsens quantiles beyond ~1 - 1e-7."""
     angle_key, exp_key = jax.random.split(key)
-    dtype = jnp.result_type(float)
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     # open interval: the endpoints +-pi/2 make cos(V) = 0
     margin = float(jnp.finfo(jnp.float32).eps)
     angle = jax.random.uniform(angle_key, shape, jnp.float32, -jnp.pi / 2 + margin, jnp.pi / 2 - margin)
