@@ -1,4 +1,4 @@
-"""Shared fixtures. JAX compilations are cached on disk across test processes (tests/.jax_cache)."""
+"""Shared fixtures."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 import usp_core  # noqa: F401  (enables float64)
 
 ROOT = Path(__file__).resolve().parents[1]
-_CACHE = ROOT / ".pytest_cache" / "jax_cache"
-_CACHE.mkdir(parents=True, exist_ok=True)
-jax.config.update("jax_compilation_cache_dir", str(_CACHE))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# No persistent compilation cache in tests: JAX aborted a pytest-xdist worker while writing a cache entry
+# that the other worker shared, and a crashed worker loses its tests. Compilations stay cached in memory.
+jax.config.update("jax_enable_compilation_cache", False)
 os.environ.setdefault("USP_ROOT", str(ROOT))
 
 # A cheaper predictor than the defaults (smaller networks, fewer paths and iterations) with the same code
