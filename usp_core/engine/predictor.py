@@ -22,8 +22,8 @@ from usp_core.engine.state import PredictorOutput, PredictorState, StepOutput
 
 _init_jit = jax.jit(step_mod.init_state, static_argnames=("static",))
 _step_jit = jax.jit(step_mod.step, static_argnames=("static",))
-_step_batch_jit = jax.jit(jax.vmap(step_mod.step, in_axes=(0, 0, 0, 0, None, None)), static_argnames=("static",))
-_init_batch_jit = jax.jit(jax.vmap(step_mod.init_state, in_axes=(0, 0, None, None, None)), static_argnames=("static",))
+_step_batch_jit = jax.jit(step_mod.step_batch, static_argnames=("static",))
+_init_batch_jit = jax.jit(step_mod.init_batch, static_argnames=("static",))
 _run_jit = jax.jit(step_mod.run_panel, static_argnames=("static",))
 _run_trials_jit = jax.jit(step_mod.run_trials, static_argnames=("static",))
 _run_trials_shared_jit = jax.jit(step_mod.run_trials_shared, static_argnames=("static",))
@@ -143,7 +143,8 @@ class Predictor:
             arr, ts, now = (np.concatenate([x, np.repeat(x[:1], bb - b, axis=0)]) for x in (arr, ts, now))
         arrays = [jnp.asarray(x) for x in (arr, ts, now)]
         if devices > 1 and bb % devices == 0:
-            mesh = jax.make_mesh((devices,), ("series",))
+            # Auto axes: XLA propagates the series sharding through the step; nothing inside it is sharding-aware.
+            mesh = jax.make_mesh((devices,), ("series",), axis_types=(jax.sharding.AxisType.Auto,))
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("series"))
             arrays = [jax.device_put(x, sharding) for x in arrays]
         return arrays, single, b, t

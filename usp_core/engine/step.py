@@ -332,6 +332,16 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     return PredictorState(kernel, fused), out
 
 
+def step_batch(states: PredictorState, values, timestamps_ns, now_ns, static, params) -> tuple[PredictorState, StepOutput]:
+    """One step of many series (states stacked along a leading axis)."""
+    return jax.vmap(lambda s, y, ts, now: step(s, y, ts, now, static, params))(states, values, timestamps_ns, now_ns)
+
+
+def init_batch(histories, timestamps_ns, key, static, params) -> tuple[PredictorState, StepOutput]:
+    """States of many series from equal-length histories."""
+    return jax.vmap(lambda h, ts: init_state(h, ts, key, static, params))(histories, timestamps_ns)
+
+
 def _nan_output_like(out: StepOutput, length: int) -> StepOutput:
     """Placeholder outputs before the first forecast: NaN floats, False flags, mode -1 (SPEC §3.1)."""
 
@@ -365,13 +375,13 @@ def run_panel(values: Float[Array, "B T"], timestamps_ns: Int[Array, "B T"], now
               static, params) -> StepOutput:
     """``vmap`` over series of :func:`run_series`; every series uses the same root key, so a series' forecasts
     do not depend on which other series share the panel (vmap parity)."""
-    return jax.vmap(run_series, in_axes=(0, 0, 0, None, None, None))(values, timestamps_ns, now_ns, key, static, params)
+    # static values are closed over, never passed through vmap (not JAX types; rejected once arrays are sharded)
+    return jax.vmap(lambda v, ts, now: run_series(v, ts, now, key, static, params))(values, timestamps_ns, now_ns)
 
 
 def run_trials(values, timestamps_ns, now_ns, key, static, params_batch) -> StepOutput:
     """``vmap`` over trials (dynamic parameters with a leading K axis) of :func:`run_panel`."""
-    return jax.vmap(run_panel, in_axes=(None, None, None, None, None, 0))(values, timestamps_ns, now_ns, key, static,
-                                                                           params_batch)
+    return jax.vmap(lambda params: run_panel(values, timestamps_ns, now_ns, key, static, params))(params_batch)
 
 
 def _run_series_shared(values, timestamps_ns, now_ns, key, static, kernel_params, params_batch) -> StepOutput:
@@ -397,6 +407,6 @@ def _run_series_shared(values, timestamps_ns, now_ns, key, static, kernel_params
 def run_trials_shared(values, timestamps_ns, now_ns, key, static, kernel_params, params_batch) -> StepOutput:
     """Trials whose kernel-side parameters are identical: ONE kernel pass per series (scan), then ``vmap`` over
     trials of the fusion scan on the recorded kernel track. Same outputs as :func:`run_trials`."""
-    out = jax.vmap(_run_series_shared, in_axes=(0, 0, 0, None, None, None, None))(
-        values, timestamps_ns, now_ns, key, static, kernel_params, params_batch)
+    out = jax.vmap(lambda v, ts, now: _run_series_shared(v, ts, now, key, static, kernel_params, params_batch))(
+        values, timestamps_ns, now_ns)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
