@@ -46,24 +46,18 @@ def feature_window_length(static) -> int:
     return min(static.kernel_d_feature_window, static.base_min_signal_length)
 
 
-def embed_path(z_tail: Float[Array, " m"], embedding: str) -> Float[Array, "k c"]:
-    """Time-augmented or time + lead-lag path of ``z_tail``, time normalised to [0, 1] (SPEC §3.4 D)."""
-    if embedding == "time":
-        t = jnp.linspace(0.0, 1.0, z_tail.shape[0], dtype=z_tail.dtype)
-        return jnp.stack([t, z_tail], axis=1)
-    if embedding == "leadlag":
-        doubled = jnp.repeat(z_tail, 2)
-        lead, lag = doubled[1:], doubled[:-1]
-        t = jnp.linspace(0.0, 1.0, lead.shape[0], dtype=z_tail.dtype)
-        return jnp.stack([t, lead, lag], axis=1)
-    raise ValueError(f"unknown kernel_d_path_embedding {embedding!r}")
+def embed_path(z_tail: Float[Array, " m"]) -> Float[Array, "m 2"]:
+    """Time-augmented path (t, z) of ``z_tail``, time normalised to [0, 1] (SPEC §3.4 D). A lead-lag embedding
+    was tried and removed: its compiled, vmapped log-signature intermittently hung or crashed XLA:CPU."""
+    t = jnp.linspace(0.0, 1.0, z_tail.shape[0], dtype=z_tail.dtype)
+    return jnp.stack([t, z_tail], axis=1)
 
 
 def logsignature_features(z: Float[Array, " n"], static) -> Float[Array, " p"]:
     """Bias + log-signature of the embedded newest points of ``z``. Channel 0 is time, so the first
     Lyndon coordinate is the time increment, exactly 1: it is replaced by the bias 1 (same value, no
     rounding dependence)."""
-    path = embed_path(z[-feature_window_length(static):], static.kernel_d_path_embedding)
+    path = embed_path(z[-feature_window_length(static):])
     logsig = signax.logsignature(path, static.log_sig_depth)
     return jnp.concatenate([jnp.ones((1,), logsig.dtype), logsig[1:]])
 

@@ -121,12 +121,10 @@ def test_signature_changes_under_non_monotone_reparametrisation():
 
 def test_embedded_path_has_normalised_time():
     z = jnp.linspace(-1.0, 2.0, 7)
-    for embedding, channels, length in (("time", 2, 7), ("leadlag", 3, 13)):
-        path = kd.embed_path(z, embedding)
-        assert path.shape == (length, channels)
-        np.testing.assert_allclose(path[[0, -1], 0], [0.0, 1.0])
-    lead_lag = np.asarray(kd.embed_path(jnp.arange(3.0), "leadlag"))[:, 1:]
-    np.testing.assert_array_equal(lead_lag, [[0, 0], [1, 0], [1, 1], [2, 1], [2, 2]])
+    path = kd.embed_path(z)
+    assert path.shape == (7, 2)
+    np.testing.assert_allclose(path[:, 0], np.linspace(0.0, 1.0, 7))
+    np.testing.assert_array_equal(path[:, 1], z)
 
 
 def _run_causal(static, params, series, num_past):
@@ -191,9 +189,8 @@ def test_scale_shift_equivariance():
     np.testing.assert_allclose(sigma2, 250.0 * sigma, rtol=1e-6)
 
 
-@pytest.mark.parametrize("embedding", ["time", "leadlag"])
-def test_finite_on_constant_rough_and_outlier_windows(embedding):
-    static = CFG.replace({"kernel_d_path_embedding": embedding}).static
+def test_finite_on_constant_rough_and_outlier_windows():
+    static = CFG.static
     params = _params()
     rng = np.random.default_rng(4)
     constant = np.full(260, 7.0)
@@ -240,7 +237,6 @@ PERTURBATIONS = {
     "log_sig_depth": 4,
     "kernel_d_forgetting": 0.95,
     "kernel_d_prior_scale": 0.01,
-    "kernel_d_path_embedding": "leadlag",
     "kernel_d_feature_window": 9,
     "kernel_d_innovation_clip": 1.0,
     "kernel_d_leverage_clip": 0.2,
