@@ -155,6 +155,7 @@ class StepOutput(NamedTuple):
     residual: Float[Array, ""]
     z_score: Float[Array, ""]
     volatility: Float[Array, ""]
+    mode_collapse: Bool[Array, ""]  # DGM entropy ratio below kernels.entropy_threshold at this step
     mode_collapse_warning: Bool[Array, ""]
 
 

@@ -146,7 +146,8 @@ def _initial_output(kernel: KernelState, fused: FusionState, params) -> StepOutp
     dtype = kernel.window.dtype
     zero_f, false, nan = jnp.zeros((), dtype), jnp.asarray(False), jnp.full((), jnp.nan, dtype)
     return _output(fused, params, predictions=kernel.kernel_predictions, sigmas=kernel.kernel_sigmas,
-                   holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, degraded=kernel.degraded,
+                   holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, collapsed=kernel.mode_collapse,
+                   degraded=kernel.degraded,
                    frozen=kernel.frozen, rejected=false, regime_change=false, outlier=false, stale=false, gap=false,
                    free_energy=zero_f, converged=jnp.asarray(True), sinkhorn_error=zero_f, residual=nan, z_score=nan,
                    collapse_warning=false)
@@ -159,7 +160,7 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
     return PredictorState(kernel, fused), _initial_output(kernel, fused, params)
 
 
-def _output(f: FusionState, params, *, predictions, sigmas, holder, entropy, degraded, frozen, rejected,
+def _output(f: FusionState, params, *, predictions, sigmas, holder, entropy, collapsed, degraded, frozen, rejected,
             regime_change, outlier, stale, gap, free_energy, converged, sinkhorn_error, residual, z_score,
             collapse_warning) -> StepOutput:
     half_width = _interval_z(params) * f.forecast_sigma
@@ -171,7 +172,7 @@ def _output(f: FusionState, params, *, predictions, sigmas, holder, entropy, deg
         cusum_h=f.cusum_h, cusum_g_plus=f.cusum_g_plus, cusum_g_minus=f.cusum_g_minus, kurtosis=f.kurtosis,
         holder_exponent=holder, dgm_entropy=entropy, free_energy=free_energy, sinkhorn_converged=converged,
         sinkhorn_error=sinkhorn_error, residual=residual, z_score=z_score, volatility=f.volatility,
-        mode_collapse_warning=collapse_warning,
+        mode_collapse=collapsed, mode_collapse_warning=collapse_warning,
     )
 
 
@@ -316,7 +317,7 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     )
     new = eqx.tree_at(lambda s: s.telemetry, new, telemetry)
     out = _output(new, params, predictions=tr.predictions, sigmas=tr.sigmas, holder=tr.holder_exponent,
-                  entropy=tr.dgm_entropy, degraded=tr.degraded, frozen=tr.frozen, rejected=rejected,
+                  entropy=tr.dgm_entropy, collapsed=tr.mode_collapse, degraded=tr.degraded, frozen=tr.frozen, rejected=rejected,
                   regime_change=regime_change, outlier=tr.outlier, stale=tr.stale, gap=tr.gap,
                   free_energy=transport.free_energy, converged=transport.converged,
                   sinkhorn_error=transport.marginal_error, residual=jnp.where(rejected, jnp.nan, residual),
