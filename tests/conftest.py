@@ -32,6 +32,15 @@ SMALL_OVERRIDES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop compiled XLA programs after each test module. A long-lived xdist worker otherwise accumulates
+    hundreds of executables (each static config, shape and kernel test compiles its own), and XLA:CPU aborted
+    compiling the pipeline test after ~250 tests in one worker; in isolation that test passes."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def small_config():
     from usp_core import load_config
