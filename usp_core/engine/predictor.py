@@ -130,7 +130,9 @@ class Predictor:
             ts = np.broadcast_to(np.asarray(timestamps_ns, dtype=np.int64), (b, t))
         now = ts if now_ns is None else np.broadcast_to(np.asarray(now_ns, dtype=np.int64), (b, t))
         tb, bb = (_bucket(t, _T_BUCKET), _next_pow2(b)) if bucket else (t, b)
-        devices = jax.local_device_count()
+        # Shard the series axis over accelerators only: XLA:CPU with forced host devices deadlocked executing
+        # the sharded program on a 2-core machine.
+        devices = jax.local_device_count() if jax.default_backend() != "cpu" else 1
         if bucket and devices > 1:
             bb = -(-bb // devices) * devices
         if (tb, bb) != (t, b):
@@ -152,7 +154,9 @@ class Predictor:
     @staticmethod
     def _finish(out: StepOutput, single: bool, b: int, t: int, lead: tuple = ()) -> PredictorOutput:
         idx = (*[slice(None)] * len(lead), slice(0, b), slice(0, t))
-        out = jax.tree.map(lambda x: np.asarray(x[idx]), out)
+        # Copy to host before slicing: indexing a sharded array would run a cross-device gather, which
+        # deadlocked on XLA:CPU with forced host devices.
+        out = jax.tree.map(lambda x: np.asarray(x)[idx], out)
         if single:
             out = jax.tree.map(lambda x: x[(*[slice(None)] * len(lead), 0)], out)
         return out
