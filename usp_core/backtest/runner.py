@@ -130,6 +130,28 @@ def folds_for_panel(
     return out
 
 
+def tuning_panel(cfg: PredictorConfig, panel, min_history: int, max_length: int = 0) -> Panel:
+    """Each series cut to the observations before its promotion holdout (the last walk-forward fold of the
+    full series), keeping the newest ``max_length`` of them (0: all). A tuning campaign scores every fold of
+    this panel (``include="all"``): it never sees the holdout the promotion gate judges it on."""
+    data = as_panel(panel, min_history=min_history)
+    folds = folds_for_panel(cfg, data, min_history)
+    ends = np.array([f[-1].test.start for f in folds])
+    starts = np.maximum(ends - max_length, 0) if max_length > 0 else np.zeros_like(ends)
+    width = int((ends - starts).max())
+    values = np.full((len(ends), width), np.nan)
+    stamps = None if data.timestamps_ns is None else np.zeros((len(ends), width), np.int64)
+    for b, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        n = end - start
+        values[b, :n] = data.values[b, start:end]
+        if stamps is not None:
+            row = data.timestamps_ns[b]
+            step = int(row[end - 1] - row[end - 2]) if n > 1 else 1
+            stamps[b, :n] = row[start:end]
+            stamps[b, n:] = row[end - 1] + step * np.arange(1, width - n + 1)
+    return Panel(list(data.series_ids), values, stamps, ends - starts)
+
+
 def _target_aligned(x: np.ndarray) -> np.ndarray:
     """Entry t forecasts t + 1 -> entry t holds the forecast OF t (NaN at t = 0)."""
     shifted = np.full(x.shape, np.nan)

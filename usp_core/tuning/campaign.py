@@ -23,23 +23,39 @@ from usp_core.tuning.tracking import CampaignTracker
 
 
 class BacktestEvaluator:
-    """Walk-forward loss of trial configs on the tuning folds (never the holdout, SPEC §4.1).
+    """Walk-forward loss of trial configs on the tuning data (never the holdout, SPEC §4.1).
 
-    Each call receives configs sharing one static key; the group is padded (with copies of its last config)
-    to ``pad_to`` so every call for a static key has the same shape: one compilation per static key.
+    Without explicit ``folds`` the panel is cut once to :func:`~usp_core.backtest.runner.tuning_panel` (the
+    newest ``meta_optimization.tuning_max_length`` observations before each series' holdout) and every fold
+    of it is scored; with ``folds`` the full panel's non-holdout folds are scored. Each call receives configs
+    sharing one static key; the group is padded (with copies of its last config) to ``pad_to`` so every call
+    for a static key has the same shape: one compilation per static key.
     """
 
     def __init__(self, panel: Any, *, pad_to: int = 1, folds: Any = None):
         self.panel = panel
         self.pad_to = max(int(pad_to), 1)
         self.folds = folds
+        self._tuning_panel = None
+
+    def data(self, cfg: PredictorConfig) -> Any:
+        """The panel trials are scored on (cut on first use; fold settings are locked, so any trial's do)."""
+        if self.folds is not None:
+            return self.panel
+        if self._tuning_panel is None:
+            from usp_core.backtest.runner import tuning_panel
+
+            self._tuning_panel = tuning_panel(cfg, self.panel, cfg.static.base_min_signal_length,
+                                              cfg["meta_optimization.tuning_max_length"])
+        return self._tuning_panel
 
     def __call__(self, configs: Sequence[PredictorConfig]) -> list[TrialScore]:
         from usp_core.backtest.runner import evaluate_trials
 
         configs = list(configs)
         padded = configs + [configs[-1]] * max(0, self.pad_to - len(configs)) if self.pad_to > 1 else configs
-        results = evaluate_trials(padded, self.panel, folds=self.folds, include="tuning")
+        include = "tuning" if self.folds is not None else "all"
+        results = evaluate_trials(padded, self.data(configs[0]), folds=self.folds, include=include)
         return [TrialScore(float(r.objective), tuple(float(v) for v in r.fold_objectives)) for r in results[:len(configs)]]
 
 

@@ -12,6 +12,8 @@ Invariants that make campaigns resumable and multi-worker safe:
   (given batch boundaries at multiples of ``batch_size``).
 - Trials of a batch share the static params of the batch's first trial (enqueued as fixed params), so a
   batch is one static group and is evaluated in one vmapped call; TPE samples the dynamic params.
+- The study's creator enqueues the base config as trial 0 (user attr ``usp_baseline``): the campaign's best
+  is never worse than where it started, and the report states the improvement.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from usp_core.config.loader import ConfigError, PredictorConfig
 from usp_core.durable import pid_alive
 from usp_core.tuning import checkpoint as ckpt
-from usp_core.tuning.report import OptimizationReport, build_report
+from usp_core.tuning.report import BASELINE_ATTR, OptimizationReport, build_report
 from usp_core.tuning.space import SearchSpace, TierName
 from usp_core.tuning.tracking import CampaignTracker, dagster_home, git_sha
 
@@ -193,6 +195,7 @@ class BayesianMetaOptimizer:
         heartbeat_interval_s: float = 30.0,
         stale_after_s: float = 600.0,
         poll_interval_s: float = 0.5,
+        enqueue_baseline: bool = True,
     ):
         self.base_config = base_config if base_config is not None else PredictorConfig.default()
         if not isinstance(meta_config, MetaOptimizationConfig):
@@ -219,11 +222,29 @@ class BayesianMetaOptimizer:
             n_startup_trials=max(meta_config.n_startup_trials, 1), n_warmup_steps=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.study = optuna.create_study(storage=self.storage, study_name=self.study_name, direction="minimize",
-                                             sampler=self.sampler, pruner=self.pruner, load_if_exists=True)
+            try:
+                self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
+                                                 direction="minimize", sampler=self.sampler, pruner=self.pruner)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:  # resumed, or another worker created it first
+                self.study = optuna.load_study(study_name=self.study_name, storage=self.storage,
+                                               sampler=self.sampler, pruner=self.pruner)
+                created = False
         self._claim_study()
+        if created and enqueue_baseline:
+            self._enqueue_baseline()
         self.wall_time_s = 0.0
         self.evaluation_calls = 0
+
+    def _enqueue_baseline(self) -> None:
+        """Trial 0 evaluates the base config itself, so the campaign's best is never worse than the config it
+        started from and the report can state the improvement. Only the study's creator enqueues it."""
+        params = self.space.base_params()
+        if params is None:
+            warnings.warn(f"base config {self.base_config.version} lies outside the {self.tier} search space; "
+                          "no baseline trial", stacklevel=3)
+            return
+        self.study.enqueue_trial(params, user_attrs={BASELINE_ATTR: True})
 
     def _claim_study(self) -> None:
         signature = _space_signature(self.space)
@@ -475,6 +496,8 @@ class BayesianMetaOptimizer:
             summary = {"n_trials": report.n_trials, "n_complete": report.n_complete, "n_pruned": report.n_pruned,
                        "n_failed": report.n_failed, "wall_time_s": report.wall_time_s}
             summary.update({f"importance.{k}": v for k, v in report.importances.items()})
+            if report.improvement is not None:
+                summary.update(baseline_value=report.baseline_value, improvement=report.improvement)
             self.tracker.finish_campaign(best_params=report.best_params, best_value=report.best_value,
                                          summary=summary, artifacts=files)
         return report

@@ -13,6 +13,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+BASELINE_ATTR = "usp_baseline"
+"""User attribute marking the trial that evaluates the campaign's base config."""
+
 
 @dataclass(frozen=True)
 class OptimizationReport:
@@ -31,6 +34,15 @@ class OptimizationReport:
     wall_time_s: float
     text: str
     plots: dict[str, str] = field(default_factory=dict)
+    baseline_value: float | None = None
+    """Objective of the base config (the enqueued trial 0), None when it was not evaluated."""
+
+    @property
+    def improvement(self) -> float | None:
+        """Relative improvement of the best trial over the baseline (positive: better)."""
+        if self.best_value is None or self.baseline_value is None or self.baseline_value == 0:
+            return None
+        return (self.baseline_value - self.best_value) / abs(self.baseline_value)
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON-able summary (what a Dagster asset puts in its metadata)."""
@@ -39,7 +51,8 @@ class OptimizationReport:
             "n_pruned": self.n_pruned, "n_failed": self.n_failed, "best_value": self.best_value,
             "best_trial": self.best_trial, "best_params": self.best_params, "importances": self.importances,
             "importance_method": self.importance_method, "convergence": self.convergence,
-            "wall_time_s": self.wall_time_s, "plots": self.plots,
+            "wall_time_s": self.wall_time_s, "plots": self.plots, "baseline_value": self.baseline_value,
+            "improvement": self.improvement,
         }
 
 
@@ -113,6 +126,8 @@ def render_text(r: OptimizationReport) -> str:
         f"tier: {r.tier}",
         f"trials: {r.n_trials} (complete {r.n_complete}, pruned {r.n_pruned}, failed {r.n_failed})",
         f"best value: {r.best_value!r} (trial {r.best_trial})",
+        f"base config value: {r.baseline_value!r}"
+        + ("" if r.improvement is None else f" (best improves on it by {100 * r.improvement:.2f}%)"),
         f"wall time: {r.wall_time_s:.1f} s",
         "",
         "best params:",
@@ -135,6 +150,7 @@ def build_report(study: optuna.Study, *, tier: str, wall_time_s: float, out_dir:
     count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
+    baseline = next((t for t in complete if t.user_attrs.get(BASELINE_ATTR)), None)
     importances, method = param_importances(study, seed=seed)
     fields = dict(
         study=study.study_name, tier=tier, n_trials=len(trials), n_complete=count(TrialState.COMPLETE),
@@ -142,7 +158,7 @@ def build_report(study: optuna.Study, *, tier: str, wall_time_s: float, out_dir:
         best_value=None if best is None else float(best.value), best_trial=None if best is None else best.number,
         best_params={} if best is None else dict(best.user_attrs.get("config_params", best.params)),
         importances=importances, importance_method=method, convergence=convergence_curve(study),
-        wall_time_s=float(wall_time_s),
+        wall_time_s=float(wall_time_s), baseline_value=None if baseline is None else float(baseline.value),
     )
     report = OptimizationReport(**fields, text="")
     plots: dict[str, str] = {}

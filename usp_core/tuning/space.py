@@ -86,6 +86,12 @@ class SearchSpace:
 
         return tuple(p.name for p in self.params if p.field.static or p.name in KERNEL_SIDE_PARAMS)
 
+    def base_params(self) -> dict[str, Any] | None:
+        """The base config's values of the tier's parameters, or None if one lies outside its distribution."""
+        values = {p.name: self.base_config[p.field.key] for p in self.params}
+        inside = all(p.distribution._contains(p.distribution.to_internal_repr(values[p.name])) for p in self.params)
+        return values if inside else None
+
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Sample every parameter of the tier (shared ones first, so a batch can fix them)."""
         shared = set(self.shared_names)

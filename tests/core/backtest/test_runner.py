@@ -53,3 +53,37 @@ def test_bad_rows_and_short_series_are_errors():
         run_backtest(cfg, panel)
     with pytest.raises(ValueError, match="series '0'.*needs length"):
         run_backtest(cfg, np.zeros((1, 66)))
+
+
+def test_tuning_panel_ends_before_each_holdout_and_keeps_the_newest_points():
+    from usp_core.backtest.runner import as_panel, folds_for_panel, tuning_panel
+
+    cfg = PredictorConfig.default()
+    panel = _long_panel()
+    full = as_panel(panel, min_history=64)
+    holdout_starts = [f[-1].test.start for f in folds_for_panel(cfg, full, 64)]
+    cut = tuning_panel(cfg, panel, 64, max_length=150)
+    assert cut.series_ids == full.series_ids
+    for b, start in enumerate(holdout_starts):
+        n = int(cut.lengths[b])
+        assert n == min(150, start)
+        np.testing.assert_array_equal(cut.values[b, :n], full.values[b, start - n:start])
+        np.testing.assert_array_equal(cut.timestamps_ns[b, :n], full.timestamps_ns[b, start - n:start])
+        assert np.isnan(cut.values[b, n:]).all()
+        assert (np.diff(cut.timestamps_ns[b]) > 0).all()  # padding keeps timestamps increasing
+    whole = tuning_panel(cfg, panel, 64)
+    np.testing.assert_array_equal(whole.lengths, holdout_starts)
+
+
+@pytest.mark.slow
+def test_tuning_objective_never_reads_the_holdout():
+    from usp_core.tuning.campaign import BacktestEvaluator
+
+    cfg = PredictorConfig.default()
+    panel = _long_panel()
+    tampered = panel.copy()
+    last = tampered.groupby("series_id").cumcount(ascending=False) < 10  # holdouts: last 18 (15) points
+    tampered.loc[last, "value"] += 1e3
+    scores = [BacktestEvaluator(p)([cfg])[0] for p in (panel, tampered)]
+    assert np.isfinite(scores[0].objective)
+    assert scores[0] == scores[1]

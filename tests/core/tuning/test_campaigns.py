@@ -301,3 +301,25 @@ def test_run_campaign_resumes_a_total_budget(tmp_path, capsys):
     assert second.n_finished == 10 and second.study_name == first.study_name == study_name_for("cli", "fast")
     assert second.best_config["orchestration.cusum_k"] == second.best_params["cusum_k"]
     assert "fast tuning" in capsys.readouterr().err  # tqdm progress bar
+
+
+def test_base_config_is_trial_zero_once_and_the_report_states_the_improvement(tmp_path):
+    base = PredictorConfig.default()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    meta = {"n_trials": 6, "batch_size": 3, "n_startup_trials": 2}
+    opt = BayesianMetaOptimizer(fake_evaluator, meta, base, storage=storage, campaign="baseline")
+    opt.optimize(3)
+    # a second process on the same study (resume or extra worker) must not enqueue the baseline again
+    again = BayesianMetaOptimizer(fake_evaluator, meta, base, storage=storage, campaign="baseline")
+    again.optimize(6)
+    trials = sorted(again.study.trials, key=lambda t: t.number)
+    baselines = [t for t in trials if t.user_attrs.get("usp_baseline")]
+    assert [t.number for t in baselines] == [0]
+    assert trials[0].params == {f.name: base[f.key] for f in FAST_TIER}
+    baseline_value = fake_evaluator([base])[0].objective
+    assert trials[0].value == pytest.approx(baseline_value)
+    report = again.generate_optimization_report(tmp_path / "report")
+    assert report.baseline_value == pytest.approx(baseline_value)
+    assert report.best_value <= baseline_value
+    assert report.improvement == pytest.approx((baseline_value - report.best_value) / baseline_value)
+    assert "base config value" in report.text
