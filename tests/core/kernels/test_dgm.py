@@ -127,7 +127,7 @@ def test_taylor_mode_matches_nested_jvp(activation):
     t, x = jnp.linspace(0.0, 1.0, 5), jnp.linspace(-2.0, 2.0, 5)
     taylor = dgm.value_and_derivatives(net, t, x)
     nested = jax.vmap(functools.partial(dgm.nested_jvp_derivatives, net))(t, x)
-    for a, b in zip(taylor, nested):
+    for a, b in zip(taylor, nested, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
     # the plain points riding along in the stacked matmuls are V itself
     plain = dgm.taylor_forward(net, t, x, t[::-1], x)[4]

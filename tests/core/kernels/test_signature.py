@@ -65,16 +65,18 @@ DEPTH = 4
 def test_chen_identity_against_independent_tensor_product():
     vertices = _polyline(13, 3, seed=0)
     first, second = vertices[:7], vertices[6:]
-    sig = lambda p: [np.asarray(t) for t in signax.signature(jnp.asarray(p), DEPTH, flatten=False)]
+    def sig(p):
+        return [np.asarray(t) for t in signax.signature(jnp.asarray(p), DEPTH, flatten=False)]
+
     whole = sig(vertices)
     combined = _tensor_product(sig(first), sig(second))
-    for lhs, rhs in zip(whole, combined):
+    for lhs, rhs in zip(whole, combined, strict=True):
         np.testing.assert_allclose(lhs, rhs, atol=1e-6, rtol=0)
     # the signax combine agrees too, and a single segment is the tensor exponential of its increment
-    for lhs, rhs in zip(whole, signax.signature_combine(sig(first), sig(second))):
+    for lhs, rhs in zip(whole, signax.signature_combine(sig(first), sig(second)), strict=True):
         np.testing.assert_allclose(lhs, np.asarray(rhs), atol=1e-6, rtol=0)
     segment = sig(vertices[:2])
-    for lhs, rhs in zip(segment, _segment_signature(vertices[1] - vertices[0], DEPTH)):
+    for lhs, rhs in zip(segment, _segment_signature(vertices[1] - vertices[0], DEPTH), strict=True):
         np.testing.assert_allclose(lhs, rhs, atol=1e-12, rtol=0)
 
 
@@ -109,7 +111,9 @@ def test_signature_changes_under_non_monotone_reparametrisation():
     backtracking excursions cut the polyline's corners, a different path with a different signature.
     (An exactly retraced excursion would be tree-like and leave the signature unchanged.)"""
     vertices = _polyline(9, 2, seed=2)
-    phi = lambda u: u + 0.15 * np.sin(4.0 * np.pi * u)
+    def phi(u):
+        return u + 0.15 * np.sin(4.0 * np.pi * u)
+
     u = np.linspace(0.0, 1.0, 57)
     assert np.any(np.diff(phi(u)) < 0)
     reparametrised = _sample_polyline(vertices, phi(u))
