@@ -75,7 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     result = run_campaign(cfg, _dev_panel(args.series, args.length), tier=args.tier, n_trials=args.trials,
-                          storage=args.storage, workers=args.workers, progress=True)
+                          storage=args.storage, workers=args.workers, campaign=args.campaign, progress=True)
     print(result.report.text)
     print(f"study {result.study_name} on {result.storage.split('@')[-1]}: best {result.best_value}")
     if result.mlflow_run_url:
@@ -93,10 +93,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     champion = _load(args)
     storage = args.storage or default_storage_url()
-    name = study_name_for(f"{args.tier}-tuning", args.tier)
+    name = study_name_for(args.campaign or f"{args.tier}-tuning", args.tier)
     try:
         study = optuna.load_study(study_name=name, storage=make_storage(storage))
-        best = study.best_params
+        best = study.best_trial.user_attrs.get("config_params", study.best_params)  # after the cross-field repair
     except (KeyError, ValueError) as exc:
         raise UserError(f"no finished trials in study {name!r} on {storage}; run `usp tune --tier {args.tier}` first") from exc
     challenger = champion.replace(best, source=f"study {name}")
@@ -196,11 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help="total trial budget (default: meta_optimization.n_trials)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default $USP_OPTUNA_STORAGE or a journal file)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on the same study")
+    p.add_argument("--campaign", default=None,
+                   help="campaign name: study usp-<campaign>-<tier>, one MLflow parent run (default <tier>-tuning)")
 
     p = add("promote", cmd_promote, "Gate the best trial of a campaign against the champion and promote it.",
             panel=True)
     p.add_argument("--tier", choices=("fast", "deep"), default="fast")
     p.add_argument("--storage", default=None, help="Optuna storage URL of the campaign")
+    p.add_argument("--campaign", default=None, help="campaign name given to `usp tune` (default <tier>-tuning)")
 
     p = add("config", cmd_config, "Show, diff or roll back config/config.toml.", config=False)
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

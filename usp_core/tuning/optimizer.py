@@ -230,6 +230,9 @@ class BayesianMetaOptimizer:
                 self.study = optuna.load_study(study_name=self.study_name, storage=self.storage,
                                                sampler=self.sampler, pruner=self.pruner)
                 created = False
+        if created:
+            # identifies this study across storages that share its name: a resume re-opens its MLflow parent
+            self.study.set_user_attr("usp_uid", uuid.uuid4().hex)
         self._claim_study()
         if created and enqueue_baseline:
             self._enqueue_baseline()
@@ -439,6 +442,7 @@ class BayesianMetaOptimizer:
 
     def _campaign_tags(self) -> dict[str, Any]:
         tags = {"campaign": self.campaign, "tier": self.tier, "study": self.study_name,
+                "study_uid": self.study.user_attrs.get("usp_uid", ""),
                 "config_version": self.base_config.version, "git_sha": git_sha(),
                 "dagster_run_id": os.environ.get("DAGSTER_RUN_ID", "")}
         tags.update(self.tags)

@@ -79,9 +79,11 @@ class CampaignTracker:
         self.parent_run_id: str | None = None
 
     def start_campaign(self, name: str, tags: Mapping[str, Any]) -> str:
-        """The parent run of campaign ``name`` (tag ``usp.campaign_run``); reused when still open so
-        that a resumed or multi-worker campaign keeps one parent run."""
-        query = (f"tags.`usp.study` = '{tags.get('study', name)}' and attributes.status = 'RUNNING' "
+        """The parent run of campaign ``name``; an open one of the same study (tag ``usp.study_uid``, else
+        ``usp.study``) is reused, so a resumed or multi-worker campaign keeps one parent run while a new
+        study of the same name (another storage, a fresh start) gets its own."""
+        key, value = ("study_uid", tags["study_uid"]) if tags.get("study_uid") else ("study", tags.get("study", name))
+        query = (f"tags.`usp.{key}` = '{value}' and attributes.status = 'RUNNING' "
                  f"and tags.`usp.kind` = 'campaign'")
         open_runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         if open_runs:

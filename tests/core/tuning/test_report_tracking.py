@@ -46,3 +46,23 @@ def test_report_and_plots_are_mlflow_artifacts(tmp_path):
     assert set(child.data.params) == set(opt.space.names)
     folds = client.get_metric_history(child.info.run_id, "fold_objective")
     assert [m.step for m in folds] == [0, 1, 2, 3]
+
+
+def test_parent_run_is_reopened_by_the_same_study_only(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    meta = {"n_trials": 4, "batch_size": 2, "n_startup_trials": 2}
+
+    def campaign(storage, n):
+        tracker = CampaignTracker(uri, experiment="usp-tuning-test", artifact_location=(tmp_path / "a").as_uri())
+        opt = BayesianMetaOptimizer(fake_evaluator, meta, storage=storage, campaign="same-name", tracker=tracker)
+        opt.optimize(n)  # leaves the parent open, like a killed campaign
+        return tracker.parent_run_id
+
+    first = campaign(f"sqlite:///{tmp_path / 'a.db'}", 2)
+    assert campaign(f"sqlite:///{tmp_path / 'a.db'}", 4) == first  # resumed: same parent
+    other = campaign(f"sqlite:///{tmp_path / 'b.db'}", 2)  # same study name, another storage
+    assert other != first
+    client = CampaignTracker(uri, experiment="usp-tuning-test").client
+    for parent, n in ((first, 4), (other, 2)):
+        assert len(client.search_runs([client.get_run(parent).info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent}'")) == n
