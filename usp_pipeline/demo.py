@@ -46,8 +46,9 @@ def write_sample_file(incoming: Path, series: int) -> Path:
 def run_demo(series: int = DEMO_SERIES, length: int = DEMO_LENGTH, trials: int = DEMO_TRIALS) -> dict:
     import dagster as dg
 
+    from usp_core.paths import dagster_home
     from usp_pipeline.definitions import defs
-    from usp_pipeline.defs.common.resources import WorkloadResource, dagster_home
+    from usp_pipeline.defs.common.resources import WorkloadResource
 
     os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").absolute()))
     home = dagster_home()

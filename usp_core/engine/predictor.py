@@ -19,6 +19,7 @@ from jaxtyping import Array
 from usp_core.config import PredictorConfig
 from usp_core.engine import step as step_mod
 from usp_core.engine.state import PredictorOutput, PredictorState, StepOutput
+from usp_core.paths import project_root
 
 _init_jit = jax.jit(step_mod.init_state, static_argnames=("static",))
 _step_jit = jax.jit(step_mod.step, static_argnames=("static",))
@@ -46,7 +47,7 @@ def enable_compile_cache(cfg: PredictorConfig, root: str | os.PathLike[str] | No
         return
     path = Path(target)
     if not path.is_absolute():
-        path = Path(root or os.environ.get("USP_ROOT", Path.cwd())) / path
+        path = Path(root or project_root()) / path
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -125,7 +125,7 @@ def default_storage_url() -> str:
     env = os.environ.get("USP_OPTUNA_STORAGE")
     if env:
         return env
-    return f"journal:///{dagster_home() / 'optuna' / 'journal.log'}"
+    return f"journal://{dagster_home() / 'optuna' / 'journal.log'}"  # journal:// + an absolute path
 
 
 def make_storage(url: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage | str:

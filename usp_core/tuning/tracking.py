@@ -15,12 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from usp_core.paths import dagster_home
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def dagster_home() -> Path:
-    """``$DAGSTER_HOME`` or ``<repo>/dagster_home`` (the embedded default of SPEC §1)."""
-    return Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / "dagster_home").resolve()
 
 
 def default_tracking_uri() -> str:

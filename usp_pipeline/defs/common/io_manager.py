@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from usp_pipeline.defs.common.resources import dagster_home
+from usp_core.paths import dagster_home
 
 ALLOW_MISSING = "usp/allow_missing"
 

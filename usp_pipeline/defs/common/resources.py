@@ -11,10 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-
-def dagster_home() -> Path:
-    """``$DAGSTER_HOME`` or ``./dagster_home`` (the repo's committed instance directory)."""
-    return Path(os.environ.get("DAGSTER_HOME") or "dagster_home").absolute()
+from usp_core.paths import dagster_home
 
 
 class ConfigStoreResource(dg.ConfigurableResource):
@@ -56,11 +53,9 @@ class OptunaStorageResource(dg.ConfigurableResource):
     url: str = ""
 
     def storage_url(self) -> str:
-        if self.url or os.environ.get("USP_OPTUNA_STORAGE"):
-            return self.url or os.environ["USP_OPTUNA_STORAGE"]
-        journal = dagster_home() / "optuna" / "journal.log"
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        return f"journal:///{journal}"
+        from usp_core.tuning.optimizer import default_storage_url
+
+        return self.url or default_storage_url()
 
 
 class DuckDBResource(dg.ConfigurableResource):

@@ -5,7 +5,7 @@ import json
 
 import dagster as dg
 
-from usp_pipeline.defs.common.resources import dagster_home
+from usp_core.paths import dagster_home
 
 
 def record_failure(run_id: str, job_name: str, message: str) -> dict:

@@ -98,8 +98,8 @@ def optimization_report(
     optuna_storage: OptunaStorageResource,
 ) -> dg.MaterializeResult:
     """Optimisation report (trials, best value, importances, convergence) with plots, per campaign."""
+    from usp_core.paths import dagster_home
     from usp_pipeline.defs.common.core_adapters import optimization_reports
-    from usp_pipeline.defs.common.resources import dagster_home
 
     campaigns = [c for c in (fast_tuning_campaign, deep_tuning_campaign) if c]
     out_dir = dagster_home() / "reports" / context.run.run_id
