@@ -302,13 +302,8 @@ def run_backtest(
     ``folds``: None (each series' own folds from the config), one list applied to every series, or one list
     per series. ``include``: ``tuning`` (all folds but the holdout), ``holdout`` (the last) or ``all``.
     """
-    from usp_core.engine.predictor import Predictor
-
-    predictor = Predictor(cfg)
-    data = as_panel(panel, min_history=predictor.min_history, series_ids=series_ids)
-    per_series_folds = _resolve_folds(cfg, data, folds, predictor.min_history, train_ratio, n_folds)
-    out = predictor.run(data.values, data.timestamps_ns)
-    return evaluate_output(cfg, data, out, per_series_folds, include=include, naive_window=naive_window, ewma_alpha=ewma_alpha)
+    return evaluate_trials([cfg], panel, folds=folds, include=include, series_ids=series_ids, train_ratio=train_ratio,
+                           n_folds=n_folds, naive_window=naive_window, ewma_alpha=ewma_alpha)[0]
 
 
 def _resolve_folds(cfg, data: Panel, folds, min_history: int, train_ratio, n_folds) -> list[list[Fold]]:

@@ -115,7 +115,7 @@ def run_campaign(
     tracker = tracking if isinstance(tracking, CampaignTracker) else (CampaignTracker() if tracking else None)
     evaluator = evaluator or BacktestEvaluator(panel, pad_to=meta.batch_size)
     with AsyncMetaOptimizer(evaluator, meta, cfg, storage=storage_url, campaign=campaign, tracker=tracker,
-                            parallel=workers > 1, tags={"data_fingerprint": _fingerprint(panel), **(tags or {})}) as opt:
+                            parallel=workers > 1, tags={"data_fingerprint": data_fingerprint(panel), **(tags or {})}) as opt:
         extra = []
         if workers > 1:
             ctx = mp.get_context("spawn")
@@ -144,7 +144,8 @@ def run_campaign(
             mlflow_run_id=tracker.parent_run_id if tracker else None, mlflow_run_url=tracker.run_url() if tracker else None)
 
 
-def _fingerprint(panel: Any) -> str:
+def data_fingerprint(panel: Any) -> str:
+    """12 hex digits identifying a panel's content (long DataFrame or array)."""
     import hashlib
 
     import numpy as np
@@ -159,4 +160,4 @@ def _fingerprint(panel: Any) -> str:
     return h.hexdigest()[:12]
 
 
-__all__ = ["BacktestEvaluator", "CampaignResult", "run_campaign", "study_name_for"]
+__all__ = ["BacktestEvaluator", "CampaignResult", "data_fingerprint", "run_campaign", "study_name_for"]

@@ -70,12 +70,13 @@ def tuning_summary(
     poll_seconds: float = 10.0,
 ) -> dict[str, Any]:
     """Run (or resume) a campaign in a worker thread, logging trials done/total, best so far and ETA."""
-    from usp_core.tuning.campaign import run_campaign
+    from usp_core.tuning.campaign import data_fingerprint, run_campaign
     from usp_core.tuning.optimizer import MetaOptimizationConfig, study_name_for
     from usp_core.tuning.tracking import CampaignTracker
 
     budget = n_trials or MetaOptimizationConfig.from_config(cfg, {"enable_deep_tuning": tier == "deep"}).n_trials
-    campaign = f"{tier}-tuning"
+    # One study per (champion config, data): a retried run resumes it, new data or a new champion starts afresh.
+    campaign = f"{tier}-tuning-{cfg.version}-{data_fingerprint(panel)}"
     study_name = study_name_for(campaign, tier)
     tracker = CampaignTracker(tracking_uri=tracking_uri, experiment=experiment)
     box: dict[str, Any] = {}
@@ -124,6 +125,8 @@ def tuning_summary(
         "n_pruned": report.n_pruned,
         "n_failed": report.n_failed,
         "best_value": _finite(result.best_value),
+        "baseline_value": _finite(report.baseline_value),
+        "improvement": _finite(report.improvement),
         "best_params": dict(result.best_params),
         "importances": report.importances,
         "mlflow_run_id": result.mlflow_run_id,

@@ -46,6 +46,8 @@ def _campaign(
             "trials_pruned": summary["n_pruned"],
             "trials_failed": summary["n_failed"],
             "best_value": dg.MetadataValue.float(float(summary["best_value"])),
+            "base_config_value": summary.get("baseline_value"),
+            "improvement_pct": None if summary.get("improvement") is None else 100 * summary["improvement"],
             "best_params": dg.MetadataValue.json(summary["best_params"]),
             "mlflow_run": dg.MetadataValue.url(summary["mlflow_run_url"]) if summary.get("mlflow_run_url") else "not tracked",
             "trials": md_table(trials, max_rows=30) if not trials.empty else "no trials",
@@ -62,7 +64,7 @@ def fast_tuning_campaign(
     optuna_storage: OptunaStorageResource,
     workload: WorkloadResource,
 ) -> dg.MaterializeResult:
-    """Fast Optuna campaign over the 6 sensitivity parameters on the tuning folds."""
+    """Fast Optuna campaign over the 6 sensitivity parameters on the pre-holdout tuning data."""
     return _campaign(context, "fast", validated_observations, config_store, mlflow, optuna_storage,
                      workload.fast_trials, workload.workers)
 
