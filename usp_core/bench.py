@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -177,15 +178,15 @@ MEASURES = {"loops": loops, "throughput": throughput, "recompilation": recompila
             "dev": dev_accuracy}
 
 
-def _pin_worker(counter) -> None:
-    """Give each worker process its own core (measurements in parallel do not share one) and measure real
-    compilations (no persistent cache)."""
-    cores = sorted(os.sched_getaffinity(0))
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    os.sched_setaffinity(0, {cores[index % len(cores)]})
+def _init_worker(counter, pin: bool) -> None:
+    """Measure real compilations (no persistent cache); with several workers, give each its own core."""
     jax.config.update("jax_enable_compilation_cache", False)
+    if pin:
+        cores = sorted(os.sched_getaffinity(0))
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        os.sched_setaffinity(0, {cores[index % len(cores)]})
 
 
 def _measure(name: str, cfg_values: dict[str, Any], kwargs: dict[str, Any], deadline: float) -> dict[str, Any] | None:
@@ -193,36 +194,40 @@ def _measure(name: str, cfg_values: dict[str, Any], kwargs: dict[str, Any], dead
         return None
     start = time.perf_counter()
     result = MEASURES[name](PredictorConfig(cfg_values), **kwargs)
-    return {**result, "task_s": time.perf_counter() - start, "pid": os.getpid()}
+    elapsed = time.perf_counter() - start
+    print(f"bench: {name} {kwargs} done in {elapsed:.0f} s", file=sys.stderr, flush=True)
+    return {**result, "task_s": elapsed, "pid": os.getpid()}
 
 
 def _tasks(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, measure, kwargs), the longest first so that the two workers finish together."""
+    """(label, measure, kwargs): the SPEC §9 ratios first, then the throughput grid from the cheapest shape up,
+    so that a time budget cuts the largest shapes."""
     grid = QUICK_GRID if quick else FULL_GRID
-    shapes = sorted(((b, t) for b in grid["batch"] for t in grid["length"]), key=lambda bt: -bt[0] * bt[1])
+    shapes = sorted(((b, t) for b in grid["batch"] for t in grid["length"]), key=lambda bt: bt[0] * bt[1])
     ratio_b, ratio_t = RATIO_POINT
-    tasks = [(f"throughput B={b} T={t}", "throughput", {"batch": b, "length": t}) for b, t in shapes]
-    tasks.insert(1, ("loops", "loops", {"batch": ratio_b, "single_steps": 100 if quick else 300,
-                                        "seed_steps": 2 if quick else 5}))
-    tasks.insert(2, ("ratio point", "throughput", {"batch": ratio_b, "length": ratio_t}))
-    tasks += [("batched trials", "trials", {"batch": 8 if quick else 16, "length": 400 if quick else 500}),
-              ("dev-set accuracy", "dev", {"max_length": 500 if quick else 2000}),
-              ("recompilation", "recompilation", {"batch": RECOMPILE_POINT[0], "length": RECOMPILE_POINT[1]})]
-    return tasks
+    return [
+        ("loops", "loops", {"batch": ratio_b, "single_steps": 100 if quick else 300, "seed_steps": 2 if quick else 3}),
+        ("ratio point", "throughput", {"batch": ratio_b, "length": ratio_t}),
+        ("recompilation", "recompilation", {"batch": RECOMPILE_POINT[0], "length": RECOMPILE_POINT[1]}),
+        ("batched trials", "trials", {"batch": 8, "length": 400}),
+        ("dev-set accuracy", "dev", {"max_length": 500 if quick else 1000}),
+        *((f"throughput B={b} T={t}", "throughput", {"batch": b, "length": t}) for b, t in shapes),
+    ]
 
 
 def run_bench(out_dir: str | os.PathLike[str] = "bench/results", quick: bool = False, *, budget_s: float | None = None,
               cfg: PredictorConfig | None = None, workers: int | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``bench.json`` (plus a timestamped copy) and ``latest.md`` into out_dir.
 
-    Measurements run in ``workers`` processes (default: one per available core, at most 2), each pinned to
-    its own core, longest first; a measurement not started within ``budget_s`` is skipped and listed."""
+    Measurements run in order in a worker process (``workers > 1``: that many, each pinned to its own core;
+    they then compete for memory bandwidth, so the default is one); a measurement not started within
+    ``budget_s`` is skipped and listed."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     cfg = cfg or PredictorConfig.default()
     budget_s = (240.0 if quick else 540.0) if budget_s is None else budget_s
-    workers = workers or min(2, len(os.sched_getaffinity(0)))
+    workers = workers or 1
     started = time.perf_counter()
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -232,7 +237,8 @@ def run_bench(out_dir: str | os.PathLike[str] = "bench/results", quick: bool = F
     }
     ctx = mp.get_context("spawn")
     deadline = time.time() + budget_s
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_worker, initargs=(ctx.Value("i", 0),)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(ctx.Value("i", 0), workers > 1)) as pool:
         futures = [(label, name, kwargs, pool.submit(_measure, name, dict(cfg), kwargs, deadline))
                    for label, name, kwargs in _tasks(quick)]
         results = [(label, name, f.result()) for label, name, _, f in futures]
@@ -268,7 +274,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Benchmark of {report['when']} on {m['backend']} ({m['cpus']} CPUs, {m['platform']}, jax {m['jax']}), "
         f"config {report['config_version']}{', quick mode' if report['quick'] else ''}; total {report['total_s']:.0f} s "
-        f"with {report.get('workers', 1)} worker process(es), one core each.",
+        f"({report.get('workers', 1)} measuring process{'es, one core each' if report.get('workers', 1) > 1 else ''}).",
         "",
         "| measure | value | target |",
         "|---|---|---|",
