@@ -178,25 +178,16 @@ MEASURES = {"loops": loops, "throughput": throughput, "recompilation": recompila
             "dev": dev_accuracy}
 
 
-def _init_worker(counter, pin: bool) -> None:
-    """Measure real compilations (no persistent cache); with several workers, give each its own core."""
-    jax.config.update("jax_enable_compilation_cache", False)
-    if pin:
-        cores = sorted(os.sched_getaffinity(0))
-        with counter.get_lock():
-            index = counter.value
-            counter.value += 1
-        os.sched_setaffinity(0, {cores[index % len(cores)]})
+def _init_worker() -> None:
+    jax.config.update("jax_enable_compilation_cache", False)  # measure real compilations
 
 
-def _measure(name: str, cfg_values: dict[str, Any], kwargs: dict[str, Any], deadline: float) -> dict[str, Any] | None:
-    if time.time() > deadline:
-        return None
+def _measure(name: str, cfg_values: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     result = MEASURES[name](PredictorConfig(cfg_values), **kwargs)
     elapsed = time.perf_counter() - start
     print(f"bench: {name} {kwargs} done in {elapsed:.0f} s", file=sys.stderr, flush=True)
-    return {**result, "task_s": elapsed, "pid": os.getpid()}
+    return {**result, "task_s": elapsed}
 
 
 def _tasks(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
@@ -216,43 +207,44 @@ def _tasks(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def run_bench(out_dir: str | os.PathLike[str] = "bench/results", quick: bool = False, *, budget_s: float | None = None,
-              cfg: PredictorConfig | None = None, workers: int | None = None) -> dict[str, Any]:
+              cfg: PredictorConfig | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``bench.json`` (plus a timestamped copy) and ``latest.md`` into out_dir.
 
-    Measurements run in order in a worker process (``workers > 1``: that many, each pinned to its own core;
-    they then compete for memory bandwidth, so the default is one); a measurement not started within
-    ``budget_s`` is skipped and listed."""
+    Measurements run one after the other in a fresh worker process (its own JAX caches). A throughput shape
+    whose estimated time (compile + B T / the ratio point's rate) would end past ``budget_s`` is skipped and
+    listed; so is any measurement not started by then."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     cfg = cfg or PredictorConfig.default()
-    budget_s = (240.0 if quick else 540.0) if budget_s is None else budget_s
-    workers = workers or 1
+    budget_s = (240.0 if quick else 570.0) if budget_s is None else budget_s
     started = time.perf_counter()
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
-        "config_version": cfg.version, "quick": quick, "skipped": [], "workers": workers, "grid": [],
+        "config_version": cfg.version, "quick": quick, "skipped": [], "grid": [],
     }
-    ctx = mp.get_context("spawn")
-    deadline = time.time() + budget_s
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(ctx.Value("i", 0), workers > 1)) as pool:
-        futures = [(label, name, kwargs, pool.submit(_measure, name, dict(cfg), kwargs, deadline))
-                   for label, name, kwargs in _tasks(quick)]
-        results = [(label, name, f.result()) for label, name, _, f in futures]
-    for label, name, result in results:
-        if result is None:
-            report["skipped"].append(f"{label} (time budget)")
-        elif label == "loops":
-            report.update(step_loop=result["step_loop"], seed_loop=result["seed_loop"])
-        elif label == "ratio point":
-            report["ratio_point"] = result
-        elif name == "throughput":
-            report["grid"].append(result)
-        else:
-            report[name] = result
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+        for label, name, kwargs in _tasks(quick):
+            elapsed = time.perf_counter() - started
+            rp = report.get("ratio_point")
+            estimate = rp["compile_s"] + kwargs["batch"] * kwargs["length"] / rp["series_steps_per_s"] \
+                if name == "throughput" and rp else 0.0
+            if elapsed + estimate > budget_s:
+                report["skipped"].append(f"{label} (time budget: ~{estimate:.0f} s more)" if estimate
+                                         else f"{label} (time budget)")
+                continue
+            result = pool.submit(_measure, name, dict(cfg), kwargs).result()
+            if label == "loops":
+                report.update(step_loop=result["step_loop"], seed_loop=result["seed_loop"])
+            elif label == "ratio point":
+                report["ratio_point"] = result
+                report["grid"].append(result)
+            elif name == "throughput":
+                report["grid"].append(result)
+            else:
+                report[name] = result
     report["grid"].sort(key=lambda g: (g["length"], g["batch"]))
     if "ratio_point" in report:
         report["compile_s"] = report["ratio_point"]["compile_s"]
@@ -274,7 +266,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Benchmark of {report['when']} on {m['backend']} ({m['cpus']} CPUs, {m['platform']}, jax {m['jax']}), "
         f"config {report['config_version']}{', quick mode' if report['quick'] else ''}; total {report['total_s']:.0f} s "
-        f"({report.get('workers', 1)} measuring process{'es, one core each' if report.get('workers', 1) > 1 else ''}).",
+        "(one measuring process).",
         "",
         "| measure | value | target |",
         "|---|---|---|",
@@ -341,9 +333,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="USP benchmark (SPEC §9)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
-    report = run_bench(args.out, quick=args.quick, workers=args.workers)
+    report = run_bench(args.out, quick=args.quick)
     print(render_markdown(report))
 
 

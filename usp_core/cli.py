@@ -162,7 +162,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from usp_core.bench import render_markdown, run_bench
 
-    print(render_markdown(run_bench(args.out, quick=args.quick, workers=args.workers, budget_s=args.budget)))
+    print(render_markdown(run_bench(args.out, quick=args.quick, budget_s=args.budget)))
     return 0
 
 
@@ -232,9 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench, "Run the benchmarks and write bench/results.", config=False)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--quick", action="store_true", help="small grid")
-    p.add_argument("--workers", type=int, default=None, help="measuring processes, one core each (default <= 2)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds after which measurements not yet started are skipped (default 540, quick 240)")
+                   help="seconds the benchmark may take; shapes that would not finish are skipped (default 570, quick 240)")
     return parser
 
 
