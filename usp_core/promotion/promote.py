@@ -78,7 +78,8 @@ def promote(
     if not decision.promote:
         append_audit_record(
             resolve_audit_log(path, champion, audit_log), event="MUTATION_REJECTED", trigger="promotion",
-            delta={k: (champion[k] if k in champion else None, v) for k, v in changes.items()},
+            delta={k: (champion[k] if k in champion else None, v) for k, v in changes.items()
+                   if k not in champion or champion[k] != v},
             objective=objective, config_version_before=champion.version, config_version_after=champion.version,
             mlflow_run_id=run_id, reason=f"gate: {decision.reason}", now=now)
         return PromotionOutcome(decision, False, decision.reason, None, run_id, challenger_version, None)
