@@ -103,8 +103,7 @@ def seed_loop(cfg, batch: int, n_steps: int) -> dict[str, float]:
     def time_step(states, t):
         new = []
         for i in range(batch):
-            out, s = p.step(jax.tree.map(lambda x, i=i: x[i], states), float(values[i, t]))
-            new.append(s)
+            new.append(p.step(jax.tree.map(lambda x, i=i: x[i], states), float(values[i, t]))[1])
         states = jax.tree.map(lambda *xs: jnp.stack(xs), *new)
         return jax.block_until_ready(states)
 
@@ -197,7 +196,7 @@ def _tasks(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
     shapes = sorted(((b, t) for b in grid["batch"] for t in grid["length"]), key=lambda bt: bt[0] * bt[1])
     ratio_b, ratio_t = RATIO_POINT
     return [
-        ("loops", "loops", {"batch": ratio_b, "single_steps": 100 if quick else 300, "seed_steps": 2 if quick else 3}),
+        ("loops", "loops", {"batch": ratio_b, "single_steps": 100 if quick else 300, "seed_steps": 2 if quick else 10}),
         ("ratio point", "throughput", {"batch": ratio_b, "length": ratio_t}),
         ("recompilation", "recompilation", {"batch": RECOMPILE_POINT[0], "length": RECOMPILE_POINT[1]}),
         ("batched trials", "trials", {"batch": 8, "length": 400}),

@@ -41,10 +41,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from usp_core.config.loader import ConfigError, PredictorConfig
 from usp_core.durable import pid_alive
+from usp_core.paths import dagster_home
 from usp_core.tuning import checkpoint as ckpt
 from usp_core.tuning.report import BASELINE_ATTR, OptimizationReport, build_report
 from usp_core.tuning.space import SearchSpace, TierName
-from usp_core.tuning.tracking import CampaignTracker, dagster_home, git_sha
+from usp_core.tuning.tracking import CampaignTracker, git_sha
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
