@@ -78,3 +78,58 @@ def kernel_forecast(kernel_predictions, kernel_sigmas, k: int, *, level: float) 
     sigma = np.asarray(kernel_sigmas[..., k], dtype=np.float64)
     lower, upper = gaussian_interval(prediction, sigma, level)
     return BaselineForecast(prediction, sigma, lower, upper)
+
+
+GARCH_REFIT_EVERY = 50
+GARCH_MIN_FIT = 100
+_GARCH_CACHE: dict[tuple, BaselineForecast] = {}
+
+
+def _garch_series(y: np.ndarray, first_origin: int, refit_every: int, min_fit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Constant-mean normal GARCH(1,1) forecasts of y[t + 1] at every origin t >= first_origin (NaN before).
+
+    Parameters are refitted every ``refit_every`` origins on y[: origin + 1] standardised by that segment's
+    std (arch's optimiser is scale sensitive; the model is scale equivariant), and the conditional variance
+    h[t + 1] of the fixed-parameter filter depends on y[: t + 1] only."""
+    from arch import arch_model
+
+    length = y.shape[0]
+    mean, sigma = np.full(length, np.nan), np.full(length, np.nan)
+    for origin in range(max(first_origin, min_fit - 1), length, refit_every):
+        train = y[: origin + 1]
+        scale = float(np.std(train))
+        if not np.isfinite(scale) or scale <= 0:
+            continue
+        fitted = arch_model(train / scale, mean="Constant", vol="GARCH", p=1, q=1, dist="normal", rescale=False)
+        params = fitted.fit(disp="off", show_warning=False).params
+        stop = min(origin + refit_every, length)
+        # h[stop] depends on y[: stop] only, so a placeholder stands in for y[stop] (unseen when stop == length)
+        extended = np.append(y[:stop], 0.0) / scale
+        filtered = arch_model(extended, mean="Constant", vol="GARCH", p=1, q=1, dist="normal", rescale=False).fix(params)
+        volatility = np.asarray(filtered.conditional_volatility)
+        mean[origin:stop] = float(params["mu"]) * scale
+        sigma[origin:stop] = volatility[origin + 1 : stop + 1] * scale
+    return mean, sigma
+
+
+def garch_forecast(values: Float[np.ndarray, "B T"], *, level: float, first_origins: np.ndarray | None = None,
+                   refit_every: int = GARCH_REFIT_EVERY, min_fit: int = GARCH_MIN_FIT) -> BaselineForecast:
+    """GARCH(1,1) with constant mean and normal innovations (``arch``), refitted every ``refit_every`` steps on
+    the data before the origin (SPEC §4.3). Trailing NaN padding is ignored; interior NaNs are carried forward.
+    Origins before ``first_origins`` (per series; default: from the first fit) stay NaN, which saves fits that
+    no metric reads. Results are cached on the data, so tuning trials do not refit."""
+    filled = _forward_fill(np.atleast_2d(np.asarray(values, dtype=np.float64)))
+    batch, length = filled.shape
+    origins = np.zeros(batch, dtype=np.int64) if first_origins is None else np.asarray(first_origins, dtype=np.int64)
+    key = (filled.tobytes(), origins.tobytes(), level, refit_every, min_fit)
+    if key not in _GARCH_CACHE:
+        mean, sigma = np.full(filled.shape, np.nan), np.full(filled.shape, np.nan)
+        for b in range(batch):
+            finite = np.isfinite(np.atleast_2d(values)[b])
+            n = int(np.flatnonzero(finite)[-1]) + 1 if finite.any() else 0
+            mean[b, :n], sigma[b, :n] = _garch_series(filled[b, :n], int(origins[b]), refit_every, min_fit)
+        lower, upper = gaussian_interval(mean, sigma, level)
+        if len(_GARCH_CACHE) >= 8:
+            _GARCH_CACHE.clear()
+        _GARCH_CACHE[key] = BaselineForecast(mean, sigma, lower, upper)
+    return _GARCH_CACHE[key]

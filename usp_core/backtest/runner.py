@@ -25,8 +25,9 @@ from usp_core.kernels import KERNEL_NAMES
 USP = "usp"
 NAIVE = "naive"
 EWMA = "ewma"
+GARCH = "garch"
 KERNEL_MODELS = tuple(f"kernel_{name}" for name in KERNEL_NAMES)
-MODELS = (USP, NAIVE, EWMA, *KERNEL_MODELS)
+MODELS = (USP, NAIVE, EWMA, GARCH, *KERNEL_MODELS)
 DEFAULT_EWMA_ALPHA = 0.2
 
 
@@ -168,11 +169,13 @@ def _mask(shape: tuple[int, int], folds: list[list[Fold]], which: Sequence[int] 
     return mask
 
 
-def _model_forecasts(out, values: np.ndarray, level: float, naive_window: int, ewma_alpha: float) -> dict[str, bl.BaselineForecast]:
+def _model_forecasts(out, values: np.ndarray, level: float, naive_window: int, ewma_alpha: float,
+                     first_origins: np.ndarray) -> dict[str, bl.BaselineForecast]:
     forecasts = {
         USP: bl.BaselineForecast(*(np.asarray(getattr(out, k), dtype=np.float64) for k in ("prediction", "sigma", "lower", "upper"))),
         NAIVE: bl.naive_forecast(values, window=naive_window, level=level),
         EWMA: bl.ewma_forecast(values, alpha=ewma_alpha, level=level),
+        GARCH: bl.garch_forecast(values, level=level, first_origins=first_origins),
     }
     for k, model in enumerate(KERNEL_MODELS):
         forecasts[model] = bl.kernel_forecast(out.kernel_predictions, out.kernel_sigmas, k, level=level)
@@ -216,7 +219,9 @@ def evaluate_output(
     selected = [i for i, f in enumerate(folds[0]) if f in select_folds(folds[0], include)]
     if not selected:
         raise ValueError(f"no fold selected by include={include!r} (n_folds={n_folds})")
-    forecasts = _model_forecasts(out, values, level, naive_window, ewma_alpha)
+    # the GARCH baseline is fitted only where a selected fold reads it (its first forecast origin)
+    first_origins = np.asarray([min(f[k].test.start for k in selected) - 1 for f in folds])
+    forecasts = _model_forecasts(out, values, level, naive_window, ewma_alpha, first_origins)
     # MASE scale: in-sample naive MAE of the first fold's train segment, common to all folds and includes.
     mase_scale = mx.naive_scale(values, [[f[0].train] for f in folds])
 

@@ -87,24 +87,35 @@ FIELDS: tuple[Field, ...] = (
     _i("core", "base_min_signal_length", 64, 32, 512,
        "Kernel window length n; also the minimum history before the first forecast.", static=True),
     _f("core", "calibration_alpha", 0.02, 0.001, 0.5,
-       "EMA rate of z^2 used to calibrate the fused predictive sigma."),
+       "EMA rate of the squared standardised fused residual: the long-run level of the GARCH calibration factor."),
+    _f("core", "calibration_persistence", 0.95, 0.0, 0.999,
+       "Persistence a + b of the GARCH(1,1) calibration factor of the fused sigma (< 1: stationary by construction).",
+       tier="fast", search_low=0.8, search_high=0.99),
+    _f("core", "calibration_reaction", 0.1, 0.0, 1.0,
+       "Share a / (a + b) of the persistence that reacts to the newest squared residual (the GARCH alpha).",
+       tier="fast", search_low=0.02, search_high=0.3),
     # -- orchestration: fusion (SPEC 3.5) --------------------------------------------------------------
-    _f("orchestration", "sinkhorn_epsilon_min", 0.01, 1e-4, 1.0, "Floor of the Sinkhorn regularisation eps_t.",
-       tier="deep", log=True, search_low=0.001, search_high=0.1),
+    _f("orchestration", "sinkhorn_epsilon_min", 0.01, 1e-4, 1.0,
+       "Floor of the Sinkhorn regularisation eps_t (not tuned: eps_0 >= eps_min makes the floor inert)."),
     _f("orchestration", "sinkhorn_epsilon_0", 0.1, 1e-3, 5.0, "Base Sinkhorn regularisation eps_0.",
        tier="deep", search_low=0.05, search_high=0.5),
     _f("orchestration", "sinkhorn_alpha", 0.5, 0.0, 5.0, "Volatility coupling of eps_t = max(eps_min, eps_0 (1 + alpha sigma_t)).",
        tier="fast", search_low=0.1, search_high=1.0),
-    _i("orchestration", "sinkhorn_max_iter", 200, 10, 5000, "Log-domain Sinkhorn iterations (lax.scan length).", static=True),
+    _i("orchestration", "sinkhorn_max_iter", 30, 1, 5000,
+       "Warm-started scaling iterations of the entropic JKO step (lax.scan length).", static=True),
     _s("orchestration", "sinkhorn_cost_type", "squared", ("squared", "huber"),
        "Transport cost between kernel forecasts on the z-scored scale (emergency mode forces huber).", static=True),
     _f("orchestration", "sinkhorn_huber_delta", 1.0, 1e-3, 100.0, "Huber delta of the transport cost."),
-    _s("orchestration", "fusion_loss", "gaussian_nll", ("gaussian_nll", "squared"),
-       "Per-kernel loss scored on each observation.", static=True),
-    _f("orchestration", "fusion_temperature", 1.0, 1e-3, 100.0, "Temperature of the Gibbs target softmax(-L / T)."),
-    _f("orchestration", "learning_rate_max", 1.0, 1e-4, 1.0, "Upper clip of the adaptive JKO step tau."),
-    _f("orchestration", "jko_safety_factor", 0.8, 0.01, 1.0, "Safety factor of tau = f 2 eps_0 sigma^2."),
-    _f("orchestration", "jko_relaxation_factor", 5.0, 0.1, 100.0, "Adaptive window = factor * relaxation time."),
+    _s("orchestration", "fusion_loss", "crps", ("crps", "gaussian_nll", "squared"),
+       "Per-expert loss scored on each observation (crps: Gaussian CRPS over the window scale).", static=True),
+    _f("orchestration", "fusion_temperature", 0.02, 1e-3, 100.0, "Temperature of the Gibbs target softmax(-L / T)."),
+    _f("orchestration", "jko_learning_rate", 10.0, 1e-4, 100.0,
+       "Base rate tau of the entropic JKO step: the weights move toward softmax(-L / (T + eps / tau)).",
+       tier="deep", log=True, search_low=0.05, search_high=20.0),
+    _f("orchestration", "learning_rate_max", 100.0, 1e-4, 100.0, "Upper clip of the JKO rate tau."),
+    _f("orchestration", "jko_safety_factor", 0.8, 0.0, 1.0,
+       "Safety factor f of the volatility-adaptive rate f 2 eps_0 sigma^2 added to jko_learning_rate."),
+    _f("orchestration", "jko_relaxation_factor", 200.0, 0.1, 10000.0, "Adaptive window = factor * relaxation time."),
     _f("orchestration", "jko_domain_length", 1.0, 1e-3, 100.0, "Domain length L of the relaxation time L^2 / sigma^2."),
     _i("orchestration", "entropy_window", 500, 10, 5000,
        "Upper clip of the adaptive loss-smoothing window (JKO window).",
@@ -123,7 +134,7 @@ FIELDS: tuple[Field, ...] = (
     _f("orchestration", "kurtosis_min", 1.0, 1.0, 10.0, "Lower clip of the residual kurtosis."),
     _f("orchestration", "kurtosis_max", 50.0, 3.0, 1000.0, "Upper clip of the residual kurtosis."),
     # -- orchestration: adaptive layer, modes (SPEC 3.7, 3.9) -------------------------------------------
-    _f("orchestration", "holder_threshold", 0.4, 0.0, 1.0, "Emergency when the Hoelder exponent drops below this.",
+    _f("orchestration", "holder_threshold", 0.3, 0.0, 1.0, "Emergency when the Hoelder exponent drops below this.",
        tier="deep", search_low=0.2, search_high=0.65),
     _f("orchestration", "holder_hysteresis", 0.05, 0.0, 0.5, "Emergency exits only above holder_threshold + this."),
     _f("orchestration", "robustness_dimension_threshold", 1.9, 1.0, 2.0,
@@ -140,8 +151,8 @@ FIELDS: tuple[Field, ...] = (
     _i("orchestration", "mode_collapse_min_threshold", 10, 1, 10_000, "Minimum consecutive collapsed steps before a warning."),
     _f("orchestration", "mode_collapse_window_ratio", 0.1, 0.0, 1.0, "Warning after window * ratio collapsed steps."),
     # -- ingestion gate (SPEC 3.7) ---------------------------------------------------------------------
-    _f("gate", "outlier_z_threshold", 10.0, 1.0, 1e6, "Robust z (median/MAD of the window) above which a value is rejected."),
-    _i("gate", "outlier_max_consecutive", 3, 0, 1000,
+    _f("gate", "outlier_z_threshold", 20.0, 1.0, 1e6, "Robust z (median/MAD of the window) above which a value is rejected."),
+    _i("gate", "outlier_max_consecutive", 1, 0, 1000,
        "Consecutive outliers rejected before further ones are accepted as a level shift."),
     _i("gate", "staleness_ttl_ns", 0, 0, 365 * _NS_DAY, "now - timestamp above this is stale (degraded); 0 disables."),
     _i("gate", "max_gap_ns", 0, 0, 365 * _NS_DAY, "timestamp - last timestamp above this is a gap (degraded); 0 disables."),
@@ -160,7 +171,7 @@ FIELDS: tuple[Field, ...] = (
     _s("kernels", "kernel_a_target", "increment", ("increment", "level"),
        "Kernel A regresses the next increment (falls back to the last value off the data) or the next level.",
        static=True),
-    _i("kernels", "wtmm_buffer_size", 128, 32, 1024, "History length of the WTMM Hoelder estimate.", static=True,
+    _i("kernels", "wtmm_buffer_size", 256, 32, 1024, "History length of the WTMM Hoelder estimate.", static=True,
        tier="fast", search_low=64, search_high=512, step=64),
     _i("kernels", "wtmm_num_scales", 8, 3, 32, "Number of log-spaced CWT scales of the WTMM.", static=True),
     _f("kernels", "wtmm_q_min", -3.0, -10.0, -0.25,
@@ -220,6 +231,8 @@ FIELDS: tuple[Field, ...] = (
        "Kernel D's RLS innovations are clipped at this many predictive stds (robust to outliers)."),
     _f("kernels", "kernel_d_leverage_clip", 4.0, 0.1, 1e6,
        "Kernel D's RLS down-weights feature vectors whose squared Mahalanobis distance exceeds this times their dimension."),
+    _f("kernels", "anchor_mean_window", 500.0, 10.0, 1e6,
+       "Span of the long-mean anchor expert: the mean of all past values, then an EMA of this span."),
     # -- validation --------------------------------------------------------------------------------------
     _f("validation", "validation_simplex_atol", 1e-6, 1e-14, 1e-2, "Sinkhorn converged when max marginal error <= this."),
     _f("validation", "validation_viscosity_residual_max", 0.05, 1e-8, 10.0, "Largest acceptable mean DGM PDE residual."),
@@ -284,7 +297,7 @@ DYNAMIC_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.dynamic)
 assert len(BY_KEY) == len(ALL_FIELDS), "duplicate config keys"
 assert len({f.name for f in FIELDS if f.section in PREDICTOR_SECTIONS}) == sum(
     f.section in PREDICTOR_SECTIONS for f in FIELDS), "predictor field names must be unique across sections"
-assert len(FAST_TIER) == 6 and len(DEEP_TIER) == 23, (len(FAST_TIER), len(DEEP_TIER))
+assert len(FAST_TIER) == 8 and len(DEEP_TIER) == 25, (len(FAST_TIER), len(DEEP_TIER))
 
 
 def cross_field_errors(values: dict[str, Any]) -> list[str]:

@@ -19,6 +19,7 @@ SeedLike = int | np.random.Generator | None
 
 __all__ = [
     "ar_process",
+    "garch_returns",
     "brownian_motion",
     "fractional_brownian_motion",
     "fractional_gaussian_noise",
@@ -253,6 +254,24 @@ def student_t_series(
     shape = _shape(n, batch)
     steps = student_t_noise(n - 1, df, scale=sigma, seed=seed, batch=batch) if n > 1 else np.zeros(shape[:-1] + (0,))
     return _path_from_increments(x0, steps)
+
+
+def garch_returns(
+    n: int, *, omega: float = 0.05, alpha: float = 0.1, beta: float = 0.85, seed: SeedLike, batch: int | None = None,
+    burn_in: int = 500,
+) -> Float[np.ndarray, "*batch n"]:
+    """GARCH(1,1) returns r_t = sqrt(h_t) e_t, h_t = omega + alpha r_{t-1}^2 + beta h_{t-1}, e_t iid N(0, 1),
+    started at the stationary variance omega / (1 - alpha - beta) and run ``burn_in`` steps before the sample."""
+    if not alpha + beta < 1.0:
+        raise ValueError(f"alpha + beta must be < 1 for a stationary GARCH(1,1), got {alpha + beta}")
+    shape = _shape(n, batch)
+    shocks = _rng(seed).standard_normal(shape[:-1] + (n + burn_in,))
+    h = np.full(shape[:-1], omega / (1.0 - alpha - beta))
+    out = np.empty_like(shocks)
+    for t in range(n + burn_in):
+        out[..., t] = np.sqrt(h) * shocks[..., t]
+        h = omega + alpha * out[..., t] ** 2 + beta * h
+    return out[..., burn_in:]
 
 
 def ar_process(

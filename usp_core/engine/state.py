@@ -7,7 +7,10 @@ from typing import Any, NamedTuple
 import equinox as eqx
 from jaxtyping import Array, Bool, Float, Int, Key
 
-NUM_KERNELS = 4
+from usp_core.kernels import EXPERTS
+
+NUM_EXPERTS = len(EXPERTS)
+"""Size of the expert pool: the four kernels, then the anchors (``usp_core.kernels.EXPERT_NAMES``)."""
 
 
 class Telemetry(NamedTuple):
@@ -24,6 +27,7 @@ class Telemetry(NamedTuple):
     emergency_steps: Int[Array, ""]
     sinkhorn_unconverged: Int[Array, ""]
     dgm_capacity_requests: Int[Array, ""]
+    expert_failures: Int[Array, ""]  # steps with at least one non-finite expert output (SPEC §3.13)
 
 
 class KernelState(eqx.Module):
@@ -31,9 +35,10 @@ class KernelState(eqx.Module):
     differ only in fusion parameters can share one kernel pass (``run_trials``)."""
 
     window: Float[Array, " n"]  # last n accepted observations, newest last
-    kernel_carries: tuple[Any, Any, Any, Any]
-    kernel_predictions: Float[Array, " 4"]  # forecasts of the next value
-    kernel_sigmas: Float[Array, " 4"]
+    kernel_carries: tuple[Any, ...]  # one per expert
+    kernel_predictions: Float[Array, " k"]  # the experts' forecasts of the next value (finite, SPEC §3.13)
+    kernel_sigmas: Float[Array, " k"]
+    expert_ok: Bool[Array, " k"]  # False where an expert's raw output was not finite (replaced by the last value)
     holder_exponent: Float[Array, ""]
     dgm_entropy: Float[Array, ""]
     mode_collapse: Bool[Array, ""]
@@ -53,10 +58,13 @@ class FusionState(eqx.Module):
     forecast: Float[Array, ""]  # y_hat_{t+1|t}
     forecast_sigma: Float[Array, ""]  # calibrated predictive sigma of the fused forecast
     mixture_sigma: Float[Array, ""]  # uncalibrated mixture std (the calibration factor scales it)
-    weights: Float[Array, " 4"]
-    kernel_loss: Float[Array, " 4"]  # EMA of per-kernel losses (L in SPEC 3.5)
+    weights: Float[Array, " k"]
+    potentials: Float[Array, "2 k"]  # JKO dual potentials (f, g), warm start of the next step
+    kernel_loss: Float[Array, " k"]  # EMA of per-expert losses since the last regime change
+    loss_mass: Float[Array, ""]  # the EMA's total weight: L in SPEC 3.5 is kernel_loss / loss_mass
     ema_variance: Float[Array, ""]  # v_t
-    calibration_z2: Float[Array, ""]  # EMA of (e / mixture_sigma)^2
+    calibration_z2: Float[Array, ""]  # slow EMA of (e / mixture_sigma)^2: long-run level of the GARCH factor
+    garch_variance: Float[Array, ""]  # GARCH(1,1) recursion on (e / mixture_sigma)^2 (SPEC §3.12)
     cusum_g_plus: Float[Array, ""]
     cusum_g_minus: Float[Array, ""]
     cusum_h: Float[Array, ""]
@@ -83,7 +91,7 @@ class PredictorState(eqx.Module):
         return self.fusion.forecast
 
     @property
-    def weights(self) -> Float[Array, " 4"]:
+    def weights(self) -> Float[Array, " k"]:
         return self.fusion.weights
 
     @property
@@ -113,11 +121,13 @@ class KernelTrack(NamedTuple):
     value: Float[Array, ""]  # the observation, or the last accepted one when rejected
     center: Float[Array, ""]  # mean and scale of the window before this observation
     scale: Float[Array, ""]
-    prev_predictions: Float[Array, " 4"]  # kernel forecasts of this observation
-    prev_sigmas: Float[Array, " 4"]
+    increment_scale: Float[Array, ""]  # std of the window's increments (units of the fusion losses)
+    prev_predictions: Float[Array, " k"]  # expert forecasts of this observation
+    prev_sigmas: Float[Array, " k"]
     prev_holder_exponent: Float[Array, ""]
-    predictions: Float[Array, " 4"]  # kernel forecasts of the next observation
-    sigmas: Float[Array, " 4"]
+    predictions: Float[Array, " k"]  # expert forecasts of the next observation
+    sigmas: Float[Array, " k"]
+    expert_ok: Bool[Array, " k"]
     holder_exponent: Float[Array, ""]
     dgm_entropy: Float[Array, ""]
     mode_collapse: Bool[Array, ""]
@@ -139,9 +149,10 @@ class StepOutput(NamedTuple):
     stale: Bool[Array, ""]
     gap: Bool[Array, ""]
     frozen: Bool[Array, ""]
-    weights: Float[Array, " 4"]
-    kernel_predictions: Float[Array, " 4"]
-    kernel_sigmas: Float[Array, " 4"]
+    weights: Float[Array, " k"]  # expert order: usp_core.kernels.EXPERT_NAMES
+    kernel_predictions: Float[Array, " k"]
+    kernel_sigmas: Float[Array, " k"]
+    expert_failed: Bool[Array, " k"]  # non-finite output, excluded from this step's mixture (SPEC §3.13)
     epsilon: Float[Array, ""]
     cusum_h: Float[Array, ""]
     cusum_g_plus: Float[Array, ""]

@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int
 from usp_core.config.schema import FIELDS
 from usp_core.engine import adaptive, cusum, fusion, gate
 from usp_core.engine.state import (
-    NUM_KERNELS,
+    NUM_EXPERTS,
     FusionState,
     KernelState,
     KernelTrack,
@@ -28,9 +28,12 @@ from usp_core.engine.state import (
     StepOutput,
     Telemetry,
 )
-from usp_core.kernels import KERNELS
+from usp_core.kernels import EXPERTS, KERNELS, SIGNATURE_INDEX
 
+NUM_KERNELS = len(KERNELS)
 _CALIBRATION_Z2_CAP = 100.0  # one wild residual may widen the interval, not blow it up
+EXPERT_ENVELOPE = 100.0
+"""An expert output further than this many window scales from the window mean (or sigma above it) is a failure."""
 
 KERNEL_SIDE_PARAMS: frozenset[str] = frozenset(
     f.name for f in FIELDS if f.dynamic and (f.section in ("kernels", "gate") or f.name in (
@@ -68,14 +71,27 @@ def _interval_z(params) -> Float[Array, ""]:
 
 
 def _forecast_all(window, carries, key, static, params):
-    keys = jax.random.split(key, NUM_KERNELS)
-    results = [k.forecast(window, c, kk, static, params) for k, c, kk in zip(KERNELS, carries, keys, strict=True)]
-    preds = jnp.stack([r.prediction for r in results])
-    sigmas = jnp.stack([r.sigma for r in results])
+    """Every expert's forecast of the next value. An expert whose prediction or sigma is not finite (SPEC §3.13), or
+    outside ``EXPERT_ENVELOPE``,
+    keeps its previous carry, and its output is replaced by the last value with the window's scale (so nothing
+    non-finite reaches the fusion state) and flagged in ``ok``."""
+    keys = jax.random.split(key, NUM_EXPERTS)
+    results = [k.forecast(window, c, kk, static, params) for k, c, kk in zip(EXPERTS, carries, keys, strict=True)]
+    raw_preds = jnp.stack([r.prediction for r in results])
+    raw_sigmas = jnp.stack([r.sigma for r in results])
+    scale = _window_scale(window, params)
+    # finite but absurd outputs (a diverged integration) are failures too: they would swamp the mixture variance
+    envelope = EXPERT_ENVELOPE * scale
+    ok = (jnp.isfinite(raw_preds) & jnp.isfinite(raw_sigmas) & (raw_sigmas > 0)
+          & (jnp.abs(raw_preds - jnp.mean(window)) <= envelope) & (raw_sigmas <= envelope))
+    preds = jnp.where(ok, raw_preds, window[-1])
+    sigmas = jnp.where(ok, raw_sigmas, scale)
+    new_carries = tuple(jax.tree.map(lambda new, old, good=good: jnp.where(good, new, old), r.carry, c)
+                        for r, c, good in zip(results, carries, ok, strict=True))
     meta: dict[str, Array] = {}
     for r in results:
         meta.update(r.metadata)
-    return preds, sigmas, meta, tuple(r.carry for r in results)
+    return preds, sigmas, ok, meta, new_carries
 
 
 def _mixture(weights, preds, sigmas) -> tuple[Float[Array, ""], Float[Array, ""]]:
@@ -107,13 +123,13 @@ def kernel_init(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, 
     key, init_key, forecast_key = jax.random.split(key, 3)
     holder0 = jnp.asarray(0.5, dtype)
     aug = _with_adaptive(params, holder0)
-    init_keys = jax.random.split(init_key, NUM_KERNELS)
-    carries = tuple(k.init_carry(history[:-1], static, aug, kk) for k, kk in zip(KERNELS, init_keys, strict=True))
-    preds, sigmas, meta, carries = _forecast_all(window, carries, forecast_key, static, aug)
+    init_keys = jax.random.split(init_key, NUM_EXPERTS)
+    carries = tuple(k.init_carry(history[:-1], static, aug, kk) for k, kk in zip(EXPERTS, init_keys, strict=True))
+    preds, sigmas, ok, meta, carries = _forecast_all(window, carries, forecast_key, static, aug)
     entropy, collapsed = _entropy_metadata(meta, dtype)
     zero_i = jnp.zeros((), jnp.int64)
     return KernelState(
-        window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas,
+        window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
         holder_exponent=meta.get("holder_exponent", holder0), dgm_entropy=entropy, mode_collapse=collapsed,
         degraded=jnp.asarray(False), clean_streak=zero_i, frozen=jnp.asarray(False),
         reference_variance=jnp.var(window), last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
@@ -121,9 +137,9 @@ def kernel_init(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, 
 
 
 def fusion_init(kernel: KernelState, static, params) -> FusionState:
-    """Fusion state before any step: uniform weights over the kernels' first forecasts."""
+    """Fusion state before any step: uniform weights over the experts' first forecasts."""
     dtype = kernel.window.dtype
-    weights = jnp.full((NUM_KERNELS,), 1.0 / NUM_KERNELS, dtype)
+    weights = jnp.full((NUM_EXPERTS,), 1.0 / NUM_EXPERTS, dtype)
     forecast, mixture_sigma = _mixture(weights, kernel.kernel_predictions, kernel.kernel_sigmas)
     ema_variance = jnp.var(jnp.diff(kernel.window))
     volatility = jnp.sqrt(ema_variance) / _window_scale(kernel.window, params)
@@ -131,7 +147,8 @@ def fusion_init(kernel: KernelState, static, params) -> FusionState:
     zero_i = jnp.zeros((), jnp.int64)
     return FusionState(
         forecast=forecast, forecast_sigma=mixture_sigma, mixture_sigma=mixture_sigma, weights=weights,
-        kernel_loss=jnp.zeros((NUM_KERNELS,), dtype), ema_variance=ema_variance, calibration_z2=jnp.ones((), dtype),
+        potentials=jnp.zeros((2, NUM_EXPERTS), dtype), kernel_loss=jnp.zeros((NUM_EXPERTS,), dtype), loss_mass=zero_f,
+        ema_variance=ema_variance, calibration_z2=jnp.ones((), dtype), garch_variance=jnp.ones((), dtype),
         cusum_g_plus=zero_f, cusum_g_minus=zero_f,
         cusum_h=cusum.cusum_threshold(params["kurtosis_reference"], params["cusum_h"], params["kurtosis_reference"]),
         grace=zero_i, z_window=jnp.zeros((static.residual_window_size,), dtype), z_count=zero_i,
@@ -146,7 +163,7 @@ def _initial_output(kernel: KernelState, fused: FusionState, params) -> StepOutp
     dtype = kernel.window.dtype
     zero_f, false, nan = jnp.zeros((), dtype), jnp.asarray(False), jnp.full((), jnp.nan, dtype)
     return _output(fused, params, predictions=kernel.kernel_predictions, sigmas=kernel.kernel_sigmas,
-                   holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, collapsed=kernel.mode_collapse,
+                   expert_ok=kernel.expert_ok, weights=fused.weights, holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, collapsed=kernel.mode_collapse,
                    degraded=kernel.degraded,
                    frozen=kernel.frozen, rejected=false, regime_change=false, outlier=false, stale=false, gap=false,
                    free_energy=zero_f, converged=jnp.asarray(True), sinkhorn_error=zero_f, residual=nan, z_score=nan,
@@ -160,7 +177,7 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
     return PredictorState(kernel, fused), _initial_output(kernel, fused, params)
 
 
-def _output(f: FusionState, params, *, predictions, sigmas, holder, entropy, collapsed, degraded, frozen, rejected,
+def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, holder, entropy, collapsed, degraded, frozen, rejected,
             regime_change, outlier, stale, gap, free_energy, converged, sinkhorn_error, residual, z_score,
             collapse_warning) -> StepOutput:
     half_width = _interval_z(params) * f.forecast_sigma
@@ -168,7 +185,8 @@ def _output(f: FusionState, params, *, predictions, sigmas, holder, entropy, col
         prediction=f.forecast, lower=f.forecast - half_width, upper=f.forecast + half_width, sigma=f.forecast_sigma,
         mode=gate.operating_mode(f.emergency, degraded), regime_change=regime_change, degraded=degraded,
         emergency=f.emergency, rejected=rejected, outlier=outlier, stale=stale, gap=gap, frozen=frozen,
-        weights=f.weights, kernel_predictions=predictions, kernel_sigmas=sigmas, epsilon=f.epsilon,
+        weights=weights, kernel_predictions=predictions, kernel_sigmas=sigmas, expert_failed=~expert_ok,
+        epsilon=f.epsilon,
         cusum_h=f.cusum_h, cusum_g_plus=f.cusum_g_plus, cusum_g_minus=f.cusum_g_minus, kurtosis=f.kurtosis,
         holder_exponent=holder, dgm_entropy=entropy, free_energy=free_energy, sinkhorn_converged=converged,
         sinkhorn_error=sinkhorn_error, residual=residual, z_score=z_score, volatility=f.volatility,
@@ -203,10 +221,10 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     # 6. window update and the kernels' forecasts of y_{t+1} (thresholds from the previous Hoelder exponent)
     key, forecast_key = jax.random.split(k.key)
     aug = _with_adaptive(params, k.holder_exponent)
-    preds, sigmas, meta, carries = _forecast_all(window, k.kernel_carries, forecast_key, static, aug)
+    preds, sigmas, ok, meta, carries = _forecast_all(window, k.kernel_carries, forecast_key, static, aug)
     entropy, collapsed = _entropy_metadata(meta, dtype)
     accepted = KernelState(
-        window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas,
+        window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
         holder_exponent=meta.get("holder_exponent", k.holder_exponent), dgm_entropy=entropy, mode_collapse=collapsed,
         degraded=degraded, clean_streak=clean_streak, frozen=frozen,
         reference_variance=jnp.where(frozen, k.reference_variance, jnp.var(window)),
@@ -219,8 +237,10 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
         rejected=rejected, non_finite=decision.non_finite, outlier=decision.outlier,
         out_of_order=decision.out_of_order, stale=decision.stale, gap=decision.gap, frozen=new.frozen,
         degraded=new.degraded, value=y_ok, center=jnp.mean(k.window), scale=_window_scale(k.window, params),
+        increment_scale=_window_scale(jnp.diff(k.window), params),
         prev_predictions=k.kernel_predictions, prev_sigmas=k.kernel_sigmas,
         prev_holder_exponent=k.holder_exponent, predictions=new.kernel_predictions, sigmas=new.kernel_sigmas,
+        expert_ok=new.expert_ok,
         holder_exponent=new.holder_exponent, dgm_entropy=new.dgm_entropy, mode_collapse=new.mode_collapse)
     return new, track
 
@@ -265,27 +285,44 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
                                   safety_factor=params["jko_safety_factor"],
                                   window_floor=params["entropy_window_floor"], window_cap=params["entropy_window"],
                                   learning_rate_max=params["learning_rate_max"])
-    step_losses = fusion.kernel_losses(tr.value, tr.prev_predictions, tr.prev_sigmas, tr.scale, kind=static.fusion_loss)
+    # losses in units of the window's increments: on a level series they separate the experts, the level scale would not
+    step_losses = fusion.kernel_losses(tr.value, tr.prev_predictions, tr.prev_sigmas, tr.increment_scale,
+                                       kind=static.fusion_loss)
+    # EMA of the losses since the last regime change, bias-corrected by the EMA's mass (an Adam-style correction:
+    # right after a reset the few losses seen are averaged, not shrunk toward 0)
     rate = 2.0 / (jko.window.astype(dtype) + 1.0)
     kernel_loss = jnp.where(cu.regime_change, 0.0, (1 - rate) * f.kernel_loss + rate * step_losses)
-    target = fusion.gibbs_target(kernel_loss, params["fusion_temperature"])
+    loss_mass = jnp.where(cu.regime_change, 0.0, (1 - rate) * f.loss_mass + rate)
+    mean_loss = kernel_loss / jnp.maximum(loss_mass, rate)
     use_huber = emergency | (static.sinkhorn_cost_type == "huber")
     cost = fusion.transport_cost((tr.prev_predictions - tr.center) / tr.scale, use_huber, params["sinkhorn_huber_delta"])
-    transport = fusion.sinkhorn(f.weights, target, cost, epsilon, num_iters=static.sinkhorn_max_iter,
-                                atol=params["validation_simplex_atol"])
-    jko_weights = fusion.jko_update(f.weights, transport.plan, jko.tau)
-    emergency_weights = jnp.zeros((NUM_KERNELS,), dtype).at[-1].set(1.0)
-    uniform = jnp.full((NUM_KERNELS,), 1.0 / NUM_KERNELS, dtype)
+    # the seed's volatility-adaptive rate (SPEC §3.9) adds to the base rate: faster moves in turbulent periods
+    tau = jnp.clip(params["jko_learning_rate"] + jko.tau, 1e-6, params["learning_rate_max"])
+    jko_result = fusion.jko_step(f.weights, mean_loss, cost, epsilon, tau, params["fusion_temperature"],
+                                 f.potentials, num_iters=static.sinkhorn_max_iter, atol=params["validation_simplex_atol"])
+    emergency_weights = jnp.zeros((NUM_EXPERTS,), dtype).at[SIGNATURE_INDEX].set(1.0)
+    # entropy reset: uniform over the four kernels; the anchors earn their weight back through the JKO step
+    uniform = jnp.where(jnp.arange(NUM_EXPERTS) < NUM_KERNELS, 1.0 / NUM_KERNELS, 0.0).astype(dtype)
     force_d = emergency & static.robustness_force_kernel_d
     frozen_weights = (f.grace > 0) | tr.degraded
     weights = jnp.where(force_d, emergency_weights,
-                        jnp.where(cu.regime_change, uniform, jnp.where(frozen_weights, f.weights, jko_weights)))
+                        jnp.where(cu.regime_change, uniform, jnp.where(frozen_weights, f.weights, jko_result.weights)))
 
-    # 6. calibrated mixture of the kernels' forecasts of y_{t+1}
-    forecast, mixture_sigma = _mixture(weights, tr.predictions, tr.sigmas)
+    # 6. calibrated mixture of the experts' forecasts of y_{t+1}; a failed expert is left out (SPEC §3.13)
+    mixture_weights = jnp.where(tr.expert_ok, weights, 0.0)
+    mixture_total = jnp.sum(mixture_weights)
+    mixture_weights = jnp.where(mixture_total > 0, mixture_weights / jnp.where(mixture_total > 0, mixture_total, 1.0),
+                                tr.expert_ok.astype(dtype) / jnp.maximum(jnp.sum(tr.expert_ok), 1).astype(dtype))
+    forecast, mixture_sigma = _mixture(mixture_weights, tr.predictions, tr.sigmas)
+    # GARCH(1,1) on the standardised residual u = e / mixture sigma (SPEC §3.12), its long-run level the slow EMA of
+    # u^2: c^2' = (1 - p) level + a u^2 + (p - a) c^2 with a = reaction * p, stationary for any p < 1.
+    u2 = jnp.minimum(z_raw**2, _CALIBRATION_Z2_CAP)
     beta = params["calibration_alpha"]
-    calibration_z2 = (1 - beta) * f.calibration_z2 + beta * jnp.minimum(z_raw**2, _CALIBRATION_Z2_CAP)
-    forecast_sigma = mixture_sigma * jnp.sqrt(calibration_z2)
+    calibration_z2 = (1 - beta) * f.calibration_z2 + beta * u2
+    persistence = params["calibration_persistence"]
+    reaction = params["calibration_reaction"] * persistence
+    garch_variance = (1 - persistence) * calibration_z2 + reaction * u2 + (persistence - reaction) * f.garch_variance
+    forecast_sigma = mixture_sigma * jnp.sqrt(garch_variance)
 
     # 7. adaptive layer for the next step
     collapse_streak = jnp.where(tr.mode_collapse, f.collapse_streak + 1, 0).astype(jnp.int64)
@@ -297,7 +334,8 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
 
     accepted = FusionState(
         forecast=forecast, forecast_sigma=forecast_sigma, mixture_sigma=mixture_sigma, weights=weights,
-        kernel_loss=kernel_loss, ema_variance=ema_variance, calibration_z2=calibration_z2, cusum_g_plus=cu.g_plus,
+        potentials=jko_result.potentials, kernel_loss=kernel_loss, loss_mass=loss_mass, ema_variance=ema_variance,
+        calibration_z2=calibration_z2, garch_variance=garch_variance, cusum_g_plus=cu.g_plus,
         cusum_g_minus=cu.g_minus, cusum_h=cusum_h, grace=cu.grace,
         z_window=f.z_window.at[f.z_count % r].set(z), z_count=f.z_count + 1, kurtosis=kurtosis,
         volatility=volatility, epsilon=epsilon, emergency=emergency, collapse_streak=collapse_streak,
@@ -312,15 +350,17 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
         stale=t.stale + tr.stale * one, gaps=t.gaps + tr.gap * one,
         frozen=t.frozen + (tr.frozen & ~rejected) * one, regime_changes=t.regime_changes + regime_change * one,
         emergency_steps=t.emergency_steps + (new.emergency & ~rejected) * one,
-        sinkhorn_unconverged=t.sinkhorn_unconverged + (~transport.converged & ~rejected) * one,
+        sinkhorn_unconverged=t.sinkhorn_unconverged + (~jko_result.converged & ~rejected) * one,
         dgm_capacity_requests=t.dgm_capacity_requests + (capacity_request & ~rejected) * one,
+        expert_failures=t.expert_failures + (~jnp.all(tr.expert_ok) & ~rejected) * one,
     )
     new = eqx.tree_at(lambda s: s.telemetry, new, telemetry)
-    out = _output(new, params, predictions=tr.predictions, sigmas=tr.sigmas, holder=tr.holder_exponent,
+    out = _output(new, params, predictions=tr.predictions, sigmas=tr.sigmas, expert_ok=tr.expert_ok,
+                  weights=jnp.where(rejected, new.weights, mixture_weights), holder=tr.holder_exponent,
                   entropy=tr.dgm_entropy, collapsed=tr.mode_collapse, degraded=tr.degraded, frozen=tr.frozen, rejected=rejected,
                   regime_change=regime_change, outlier=tr.outlier, stale=tr.stale, gap=tr.gap,
-                  free_energy=transport.free_energy, converged=transport.converged,
-                  sinkhorn_error=transport.marginal_error, residual=jnp.where(rejected, jnp.nan, residual),
+                  free_energy=jko_result.free_energy, converged=jko_result.converged,
+                  sinkhorn_error=jko_result.marginal_error, residual=jnp.where(rejected, jnp.nan, residual),
                   z_score=jnp.where(rejected, jnp.nan, z), collapse_warning=collapse_warning & ~rejected)
     return new, out
 

@@ -168,8 +168,8 @@ def q_grid(q_min: Float[Array, ""], q_max: Float[Array, ""], num_q: int) -> Floa
     return jnp.linspace(q_min, q_max, num_q)
 
 
-def holder_exponent(buffer: Float[Array, " L"], n_valid: Int[Array, ""], static, params) -> Float[Array, ""]:
-    """WTMM Hoelder exponent H of the last ``n_valid`` entries of a right-aligned buffer (SPEC §3.4 A).
+def wtmm_exponent(buffer: Float[Array, " L"], n_valid: Int[Array, ""], static, params) -> Float[Array, ""]:
+    """WTMM exponent of the last ``n_valid`` entries of a right-aligned buffer, read as a path.
 
     Uses static.wtmm_buffer_size, static.wtmm_num_scales, static.wtmm_num_q and params wtmm_q_min,
     wtmm_q_max, besov_cone_c, numerical_epsilon. Invariant under a * buffer + b (a > 0)."""
@@ -191,3 +191,31 @@ def holder_exponent(buffer: Float[Array, " L"], n_valid: Int[Array, ""], static,
     tau, defined = partition_exponents(suprema, is_max, scale_arr, q)
     h = spectrum_argmax(q, tau)
     return jnp.where(defined & jnp.isfinite(h), h, UNDEFINED_HOLDER)
+
+
+def profile(buffer: Float[Array, " L"], n_valid: Int[Array, ""]) -> Float[Array, " L"]:
+    """Cumulative sum of the demeaned valid entries (zeros where the buffer is unfilled)."""
+    length = buffer.shape[-1]
+    filled = jnp.arange(length) >= length - n_valid
+    loc = jnp.sum(jnp.where(filled, buffer, 0.0)) / jnp.maximum(jnp.sum(filled), 1)
+    return jnp.cumsum(jnp.where(filled, buffer - loc, 0.0))
+
+
+def fold_profile_exponent(h_profile: Float[Array, ""]) -> Float[Array, ""]:
+    """The profile of a level path of Hurst H has exponent H + 1, the profile of its increments H: folding
+    maps both to H, so a noise-like series (returns, a stationary level) reads as H ~ 0.5, not as rough."""
+    return jnp.where(h_profile > 1.0, h_profile - 1.0, h_profile)
+
+
+def holder_exponent(buffer: Float[Array, " L"], n_valid: Int[Array, ""], static, params) -> Float[Array, ""]:
+    """Hoelder exponent H of the last ``n_valid`` entries of a right-aligned buffer (SPEC §3.4 A, §3.7 rev. 2).
+
+    Two readings of the buffer: as a level path (its own WTMM exponent, ~H for a path of Hurst H, ~0 for a
+    noise) and as increments (the folded exponent of its profile, ~H for both a path and a noise of Hurst H).
+    H is the larger one, so a series is rough only if both readings say so: a noise (returns, a stationary
+    level) reads as its own Hurst exponent, and a mean-reverting level whose profile crosses over from
+    exponent 1.5 at small scales to 0.5 at large ones (a folded slope near 1 would read ~0) keeps the level
+    reading ~0.5. Invariant under a * buffer + b (a > 0)."""
+    as_level = wtmm_exponent(buffer, n_valid, static, params)
+    as_increments = fold_profile_exponent(wtmm_exponent(profile(buffer, n_valid), n_valid, static, params))
+    return jnp.maximum(as_level, as_increments)

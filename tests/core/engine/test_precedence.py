@@ -10,7 +10,9 @@ from usp_core import Predictor
 
 pytestmark = pytest.mark.xdist_group("predictor")
 
-SKEWED = jnp.asarray([0.1, 0.2, 0.3, 0.4])
+SKEWED = jnp.asarray([0.1, 0.2, 0.3, 0.2, 0.15, 0.05])  # A, B, C, D, last_value, long_mean
+KERNEL_D = [0, 0, 0, 1, 0, 0]
+KERNELS_UNIFORM = [0.25, 0.25, 0.25, 0.25, 0, 0]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +47,9 @@ def test_rejected_keeps_weights_even_in_emergency(base):
 def test_emergency_forces_kernel_d_over_regime_change_and_grace(base):
     p, state = base
     res, _ = _step(p, _set(state, emergency=True, holder_exponent=0.1, cusum_g_plus=1e3, grace=0))
-    np.testing.assert_array_equal(res.weights, [0, 0, 0, 1])
+    np.testing.assert_array_equal(res.weights, KERNEL_D)
     res, _ = _step(p, _set(state, emergency=True, holder_exponent=0.1, grace=5))
-    np.testing.assert_array_equal(res.weights, [0, 0, 0, 1])
+    np.testing.assert_array_equal(res.weights, KERNEL_D)
     assert int(res.mode) == 2
 
 
@@ -55,7 +57,7 @@ def test_regime_change_resets_to_uniform_over_degraded(base):
     p, state = base
     res, _ = _step(p, _set(state, cusum_g_plus=1e3, grace=0, degraded=True))
     assert bool(res.regime_change)
-    np.testing.assert_allclose(res.weights, 0.25)
+    np.testing.assert_allclose(res.weights, KERNELS_UNIFORM)
 
 
 def test_grace_freezes_weights(base):

@@ -11,6 +11,7 @@ from usp_core import Predictor
 from usp_core.engine import snapshot
 from usp_core.engine.fusion import simplex_violation
 from usp_core.engine.predictor import compile_counts
+from usp_core.engine.state import NUM_EXPERTS
 
 T, B = 96, 3
 FLOAT_FIELDS = ("prediction", "lower", "upper", "sigma")
@@ -40,7 +41,7 @@ def _assert_same(a, b, upto=None):
 def test_alignment_and_shapes(predictor):
     out = predictor.run(_panel(0))
     m = predictor.min_history
-    assert out.prediction.shape == (B, T) and out.weights.shape == (B, T, 4)
+    assert out.prediction.shape == (B, T) and out.weights.shape == (B, T, NUM_EXPERTS)
     assert np.isnan(out.prediction[:, : m - 1]).all() and np.isfinite(out.prediction[:, m - 1:]).all()
     assert (out.mode[:, : m - 1] == -1).all() and not out.regime_change[:, : m - 1].any()
     assert (out.lower <= out.prediction).all() or np.isnan(out.prediction).any()

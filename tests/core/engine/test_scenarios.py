@@ -91,7 +91,8 @@ def test_persistent_level_shift_alarms_once_and_recentres(predictor):
     after = alarms[alarms >= 120]
     assert after.size == 1 and after[0] <= 125
     assert np.abs(x[161:] - out.prediction[160:-1]).mean() < 3.0  # forecasts re-centred on the new level
-    expected = [0, 0, 0, 1.0] if out.emergency[after[0]] else [0.25] * 4  # emergency outranks the reset (§3.8)
+    # emergency outranks the entropy reset (§3.8), which is uniform over the four kernels
+    expected = [0, 0, 0, 1.0, 0, 0] if out.emergency[after[0]] else [0.25] * 4 + [0, 0]
     np.testing.assert_allclose(out.weights[after[0]], expected)
 
 
@@ -111,7 +112,7 @@ def test_emergency_forces_kernel_d_and_exits_with_hysteresis(small_config):
                                         "orchestration.holder_hysteresis": float((h_smooth - threshold) / 3)}))
     out = q.run(x)
     assert out.emergency[350:400].mean() > 0.8
-    np.testing.assert_array_equal(out.weights[out.emergency], np.broadcast_to([0, 0, 0, 1.0], (out.emergency.sum(), 4)))
+    np.testing.assert_array_equal(out.weights[out.emergency], np.broadcast_to([0, 0, 0, 1.0, 0, 0], (out.emergency.sum(), 6)))
     assert (out.mode[out.emergency] == 2).all()
     assert out.emergency[550:].mean() < 0.2
     entered = np.flatnonzero(np.diff(out.emergency.astype(int)) == 1) + 1
