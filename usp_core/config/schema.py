@@ -140,8 +140,7 @@ FIELDS: tuple[Field, ...] = (
     _f("orchestration", "robustness_dimension_threshold", 1.9, 1.0, 2.0,
        "Emergency when the fractal dimension 2 - H exceeds this."),
     _b("orchestration", "robustness_force_kernel_d", True, "Emergency forces the weights to Kernel D.", static=True),
-    _f("orchestration", "stiffness_low", 100.0, 1.0, 1e5, "Floor of the explicit/blended stiffness threshold theta_L.",
-       tier="deep", search_low=50.0, search_high=500.0),
+    _f("orchestration", "stiffness_low", 100.0, 1.0, 1e5, "Floor of the explicit/blended stiffness threshold theta_L (not tuned: no setting changed a forecast)."),
     _f("orchestration", "stiffness_high", 1000.0, 10.0, 1e6, "Floor of the blended/implicit stiffness threshold theta_H.",
        tier="deep", search_low=500.0, search_high=5000.0),
     _f("orchestration", "stiffness_c1", 25.0, 0.0, 1e4, "theta_L = max(stiffness_low, c1 / (1 - H)^2)."),
@@ -201,8 +200,8 @@ FIELDS: tuple[Field, ...] = (
        tier="deep", search_low=20, search_high=100),
     _f("kernels", "learning_rate", 0.01, 1e-5, 1.0, "Adam learning rate of the online-trained DGM.",
        tier="deep", log=True, search_low=0.001, search_high=0.1),
-    _f("kernels", "entropy_threshold", 0.8, 0.0, 1.0, "Mode collapse when H[V] < threshold x H[terminal].",
-       tier="deep", search_low=0.5, search_high=0.95),
+    _f("kernels", "entropy_threshold", 0.8, 0.0, 1.0,
+       "Mode collapse when H[V] < threshold x H[terminal] (a diagnostic flag and warning only: not tuned)."),
     _f("kernels", "sde_dt", 0.01, 1e-4, 1.0, "Kernel C integration step in model time; one observation interval lasts numel*dt (sets the model clock of the prior diffusion rate and the stiffness rate).",
        tier="deep", log=True, search_low=0.001, search_high=0.1),
     _i("kernels", "sde_numel_integrations", 100, 10, 1000, "SDE integration steps per Monte Carlo path.", static=True,
@@ -297,7 +296,7 @@ DYNAMIC_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.dynamic)
 assert len(BY_KEY) == len(ALL_FIELDS), "duplicate config keys"
 assert len({f.name for f in FIELDS if f.section in PREDICTOR_SECTIONS}) == sum(
     f.section in PREDICTOR_SECTIONS for f in FIELDS), "predictor field names must be unique across sections"
-assert len(FAST_TIER) == 8 and len(DEEP_TIER) == 25, (len(FAST_TIER), len(DEEP_TIER))
+assert len(FAST_TIER) == 8 and len(DEEP_TIER) == 23, (len(FAST_TIER), len(DEEP_TIER))
 
 
 def cross_field_errors(values: dict[str, Any]) -> list[str]:

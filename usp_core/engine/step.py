@@ -102,6 +102,16 @@ def _mixture(weights, preds, sigmas) -> tuple[Float[Array, ""], Float[Array, ""]
     return mean, jnp.sqrt(jnp.maximum(var, jnp.min(sigmas) ** 2))
 
 
+def _mixture_weights(weights, expert_ok) -> Float[Array, " k"]:
+    """The weights with failed experts left out and the rest renormalised (uniform over the sound ones if no
+    weight is left)."""
+    dtype = weights.dtype
+    kept = jnp.where(expert_ok, weights, 0.0)
+    total = jnp.sum(kept)
+    return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0),
+                     expert_ok.astype(dtype) / jnp.maximum(jnp.sum(expert_ok), 1).astype(dtype))
+
+
 def _zero_telemetry() -> Telemetry:
     return Telemetry(*([jnp.zeros((), jnp.int64)] * len(Telemetry._fields)))
 
@@ -163,7 +173,8 @@ def _initial_output(kernel: KernelState, fused: FusionState, params) -> StepOutp
     dtype = kernel.window.dtype
     zero_f, false, nan = jnp.zeros((), dtype), jnp.asarray(False), jnp.full((), jnp.nan, dtype)
     return _output(fused, params, predictions=kernel.kernel_predictions, sigmas=kernel.kernel_sigmas,
-                   expert_ok=kernel.expert_ok, weights=fused.weights, holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, collapsed=kernel.mode_collapse,
+                   expert_ok=kernel.expert_ok, weights=_mixture_weights(fused.weights, kernel.expert_ok),
+                   holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, collapsed=kernel.mode_collapse,
                    degraded=kernel.degraded,
                    frozen=kernel.frozen, rejected=false, regime_change=false, outlier=false, stale=false, gap=false,
                    free_energy=zero_f, converged=jnp.asarray(True), sinkhorn_error=zero_f, residual=nan, z_score=nan,
@@ -309,10 +320,7 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
                         jnp.where(cu.regime_change, uniform, jnp.where(frozen_weights, f.weights, jko_result.weights)))
 
     # 6. calibrated mixture of the experts' forecasts of y_{t+1}; a failed expert is left out (SPEC §3.13)
-    mixture_weights = jnp.where(tr.expert_ok, weights, 0.0)
-    mixture_total = jnp.sum(mixture_weights)
-    mixture_weights = jnp.where(mixture_total > 0, mixture_weights / jnp.where(mixture_total > 0, mixture_total, 1.0),
-                                tr.expert_ok.astype(dtype) / jnp.maximum(jnp.sum(tr.expert_ok), 1).astype(dtype))
+    mixture_weights = _mixture_weights(weights, tr.expert_ok)
     forecast, mixture_sigma = _mixture(mixture_weights, tr.predictions, tr.sigmas)
     # GARCH(1,1) on the standardised residual u = e / mixture sigma (SPEC §3.12), its long-run level the slow EMA of
     # u^2: c^2' = (1 - p) level + a u^2 + (p - a) c^2 with a = reaction * p, stationary for any p < 1.

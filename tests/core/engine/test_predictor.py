@@ -44,7 +44,9 @@ def test_alignment_and_shapes(predictor):
     assert out.prediction.shape == (B, T) and out.weights.shape == (B, T, NUM_EXPERTS)
     assert np.isnan(out.prediction[:, : m - 1]).all() and np.isfinite(out.prediction[:, m - 1:]).all()
     assert (out.mode[:, : m - 1] == -1).all() and not out.regime_change[:, : m - 1].any()
-    assert (out.lower <= out.prediction).all() or np.isnan(out.prediction).any()
+    forecasts = np.isfinite(out.prediction)
+    assert (forecasts[:, m - 1:]).all() and (out.lower[forecasts] <= out.prediction[forecasts]).all()
+    assert (out.prediction[forecasts] <= out.upper[forecasts]).all()
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

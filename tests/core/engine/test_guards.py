@@ -1,0 +1,78 @@
+"""Numerical guards (SPEC §3.13), anchor experts (§3.1) and the GARCH calibration of the fused sigma (§3.12)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from usp_core import Predictor
+from usp_core.data import synthetic
+from usp_core.engine import step as engine_step
+from usp_core.kernels import EXPERT_NAMES, ForecastKernel, KernelResult
+
+pytestmark = pytest.mark.xdist_group("predictor")
+
+
+def _failing(kernel: ForecastKernel, bad: float) -> ForecastKernel:
+    """The kernel, but its prediction is ``bad`` whenever the newest value lies above the window mean."""
+
+    def forecast(window, carry, key, static, params):
+        res = kernel.forecast(window, carry, key, static, params)
+        broken = window[-1] > jnp.mean(window)
+        return KernelResult(jnp.where(broken, bad, res.prediction), res.sigma, res.metadata, res.carry)
+
+    return kernel._replace(forecast=forecast)
+
+
+@pytest.mark.parametrize(("index", "bad"), [(1, np.nan), (2, np.inf), (0, 1e30)])
+def test_a_non_finite_expert_never_reaches_the_fusion_state(small_config, monkeypatch, index, bad):
+    experts = list(engine_step.EXPERTS)
+    experts[index] = _failing(experts[index], bad)
+    monkeypatch.setattr(engine_step, "EXPERTS", tuple(experts))
+    # a static value no other test uses: the patched pool gets its own compilation
+    cfg = small_config.replace({"orchestration.residual_window_size": 37 + index})
+    x = synthetic.ar_process(300, [0.5], seed=index)
+    out = Predictor(cfg).run(x)
+    live = slice(Predictor(cfg).min_history - 1, None)
+    failed = out.expert_failed[live, index]
+    assert 0.2 < failed.mean() < 0.8
+    for name in ("prediction", "lower", "upper", "sigma", "weights", "kernel_predictions", "kernel_sigmas"):
+        assert np.isfinite(getattr(out, name)[live]).all(), name
+    assert (out.weights[live][failed, index] == 0).all()
+    np.testing.assert_allclose(out.weights[live].sum(-1), 1.0, atol=1e-12)
+    assert not out.expert_failed[live][:, [i for i in range(len(EXPERT_NAMES)) if i != index]].any()
+
+
+def test_anchor_experts_are_the_last_value_and_the_long_mean(small_config):
+    p = Predictor(small_config)
+    x = synthetic.ornstein_uhlenbeck(400, theta=0.2, seed=3) + 10.0
+    out = p.run(x)
+    last, mean = EXPERT_NAMES.index("last_value"), EXPERT_NAMES.index("long_mean")
+    live = slice(p.min_history - 1, None)
+    np.testing.assert_array_equal(out.kernel_predictions[live, last], x[live])
+    # before anchor_mean_window values, the long mean is the expanding mean of everything seen
+    t = 300
+    assert out.kernel_predictions[t, mean] == pytest.approx(np.mean(x[: t + 1]), rel=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="SPEC §3.12 acceptance not met yet: calm-half coverage 0.923 (turbulent 0.956) "
+                   "with the default calibration; no persistence/reaction/alpha setting tried reached 0.93")
+def test_garch_calibration_covers_calm_and_turbulent_halves(small_config):
+    """Simulated GARCH(1,1) returns: 95 % interval coverage within +-2 points of nominal both where the true
+    conditional variance is below its median (calm) and above it (turbulent). The true variance path is
+    rebuilt from the same draws."""
+    n, b = 1500, 4
+    omega, alpha, beta = 0.05, 0.1, 0.85
+    r = synthetic.garch_returns(n, omega=omega, alpha=alpha, beta=beta, seed=11, batch=b)
+    h = np.empty_like(r)
+    h[:, 0] = omega / (1 - alpha - beta)
+    for t in range(1, n):
+        h[:, t] = omega + alpha * r[:, t - 1] ** 2 + beta * h[:, t - 1]
+    out = Predictor(small_config).run(r)
+    pred, lo, hi = out.prediction[:, 200:-1], out.lower[:, 200:-1], out.upper[:, 200:-1]
+    y, var = r[:, 201:], h[:, 201:]
+    inside = (y >= lo) & (y <= hi)
+    calm = var <= np.median(var)
+    assert np.isfinite(pred).all()
+    coverage = (inside[calm].mean(), inside[~calm].mean())
+    assert abs(coverage[0] - 0.95) <= 0.02 and abs(coverage[1] - 0.95) <= 0.02, coverage
