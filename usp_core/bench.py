@@ -155,12 +155,19 @@ def dev_accuracy(cfg, max_length: int) -> dict[str, Any]:
     start = time.perf_counter()
     result = run_backtest(cfg, panel, include="all")
     elapsed = time.perf_counter() - start
+    from usp_core.kernels import EXPERT_NAMES
+
     rows = []
-    for series_id in result.series_ids:
+    out = result.output
+    for b, series_id in enumerate(result.series_ids):
         row = {"series_id": series_id}
         for model in MODELS:
             m = result.per_series.loc[(model, series_id)]
-            row[model] = {"mase": float(m["mase"]), "crps_skill": float(m["crps_skill"]), "coverage": float(m["coverage"])}
+            row[model] = {"mase": float(m["mase"]), "crps_skill": float(m["crps_skill"]), "coverage": float(m["coverage"]),
+                          "crps": float(m["crps"])}
+        live = np.isfinite(np.asarray(out.prediction)[b]) & ~np.asarray(out.rejected)[b]
+        row["emergency_fraction"] = float(np.asarray(out.emergency)[b][live].mean())
+        row["mean_weights"] = dict(zip(EXPERT_NAMES, np.asarray(out.weights)[b][live].mean(axis=0).tolist(), strict=True))
         rows.append(row)
     aggregate = {model: {k: float(v) for k, v in result.aggregate.loc[model, ["mase", "crps_skill", "coverage"]].items()}
                  for model in MODELS}
@@ -308,6 +315,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         for row in dev["rows"]:
             lines.append(f"| {row['series_id']} | " + " | ".join(cell(row[mdl]) for mdl in models) + " |")
         lines.append("| **mean** | " + " | ".join(cell(dev["aggregate"][mdl]) for mdl in models) + " |")
+        lines += ["", "Fusion per series: emergency fraction, mean weights, fused CRPS relative to the best single expert "
+                  "and to GARCH(1,1) (< 0: the fused forecast is better):", "",
+                  "| series | emergency | weights (" + ", ".join(dev["rows"][0]["mean_weights"]) + ") | vs best expert | vs GARCH |",
+                  "|---|---|---|---|---|"]
+        experts = [mdl for mdl in models if mdl.startswith("kernel_")]
+        for row in dev["rows"]:
+            best = min(row[mdl]["crps"] for mdl in experts)
+            weights = " ".join(f"{w:.2f}" for w in row["mean_weights"].values())
+            lines.append(f"| {row['series_id']} | {row['emergency_fraction']:.2f} | {weights} | "
+                         f"{row['usp']['crps'] / best - 1:+.3f} | {row['usp']['crps'] / row['garch']['crps'] - 1:+.3f} |")
         lines += ["", "Sources: " + "; ".join(f"{p['series_id']} = {p['package']}.{p['dataset']}[{p['column']}], {p['transformation']}"
                                              for p in dev["provenance"]) + "."]
     if report["skipped"]:

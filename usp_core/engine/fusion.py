@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.scipy.stats  # noqa: F401  (jax.scipy.stats.norm in gaussian_crps)
 import jax.numpy as jnp
+import jax.scipy.stats  # noqa: F401  (jax.scipy.stats.norm in gaussian_crps)
 from jax.scipy.special import logsumexp, xlogy
 from jaxtyping import Array, Bool, Float
 
