@@ -1,6 +1,7 @@
 """Anchor experts of the pool (SPEC §3.1 rev. 2): the forecasts a user would otherwise pick, so the fusion can
 fall back on them where no kernel beats them (a persistent level: the last value; a noise around a level: its
-long-run mean). They follow the contract of ``usp_core.kernels.contract`` with an empty carry.
+long-run mean). They follow the contract of ``usp_core.kernels.contract``; the last value carries nothing, the
+long mean its running mean, variance and count.
 """
 
 from __future__ import annotations
