@@ -15,7 +15,8 @@ def _fake_report(backend: str = "cpu") -> dict:
     loop = {"steps": 100, "first_step_s": 2.0, "p50_s": 0.001, "p99_s": 0.002, "series_steps_per_s": 1000.0}
     seed = {"batch": 64, "time_steps": 5, "elapsed_s": 3.2, "series_steps_per_s": 100.0}
     point = {"batch": 64, "length": 1000, "compile_s": 10.0, "steady_s": 0.5, "series_steps_per_s": 128000.0}
-    metrics = {"mase": 1.0, "crps_skill": 0.1, "coverage": 0.95}
+    metrics = {"mase": 1.0, "crps_skill": 0.1, "coverage": 0.95, "crps": 0.5}
+    models = {"usp": metrics, "naive": metrics, "garch": {**metrics, "crps": 0.4}, "kernel_ridge": {**metrics, "crps": 0.45}}
     return {
         "when": "2024-01-01T00:00:00Z",
         "machine": {"platform": "linux", "cpus": 2, "backend": backend, "devices": ["cpu:0"], "jax": "0"},
@@ -24,8 +25,9 @@ def _fake_report(backend: str = "cpu") -> dict:
         "speedup_vs_step_loop": 128.0, "speedup_vs_seed_loop": 1280.0,
         "recompilation": {"recompilations": 0}, "grid": [point],
         "trials": {"k": 8, "batch": 16, "length": 500, "batched_trials_per_s": 4.0, "sequential_trials_per_s": 1.0, "speedup": 4.0},
-        "dev": {"max_length": 500, "level": 0.95, "aggregate": {"usp": metrics, "naive": metrics},
-                "rows": [{"series_id": "vix", "usp": metrics, "naive": metrics}],
+        "dev": {"max_length": 500, "level": 0.95, "aggregate": models,
+                "rows": [{"series_id": "vix", **models, "emergency_fraction": 0.02,
+                          "mean_weights": {"kernel_ridge": 0.7, "last_value": 0.3}}],
                 "provenance": [{"series_id": "vix", "package": "arch", "dataset": "vix", "column": "vix", "transformation": "none"}]},
         "total_s": 60.0,
     }
@@ -39,6 +41,8 @@ def test_markdown_table_has_every_section(tmp_path):
     assert "| speedup of `p.run` over that loop | 128.0x | |" in text
     assert "| recompilations when only dynamic params change | 0 | 0 |" in text
     assert "| vix | 1.00 / 0.10 / 0.95 | 1.00 / 0.10 / 0.95 |" in text
+    assert "| series | emergency | weights (kernel_ridge, last_value) | vs best expert | vs GARCH |" in text
+    assert "| vix | 0.02 | 0.70 0.30 | +0.111 | +0.250 |" in text
     assert "Skipped to stay within the time budget: throughput B=256 T=2000" in text
     assert "GPU: not measured" in text
     assert json.loads((tmp_path / "bench.json").read_text())["speedup_vs_step_loop"] == 128.0

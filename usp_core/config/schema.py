@@ -196,8 +196,7 @@ FIELDS: tuple[Field, ...] = (
     _f("kernels", "dgm_bandwidth", 1.0, 0.05, 20.0,
        "Multiplier of Silverman's bandwidth of the DGM's Nadaraya-Watson drift/diffusion estimates."),
     _i("kernels", "dgm_collocation_points", 8, 4, 1024, "Collocation points per DGM optimiser step.", static=True),
-    _i("kernels", "dgm_entropy_num_bins", 50, 5, 500, "Histogram bins of the DGM entropy estimate.", static=True,
-       tier="deep", search_low=20, search_high=100),
+    _i("kernels", "dgm_entropy_num_bins", 50, 5, 500, "Histogram bins of the DGM entropy estimate (mode-collapse warning only).", static=True),
     _f("kernels", "learning_rate", 0.01, 1e-5, 1.0, "Adam learning rate of the online-trained DGM.",
        tier="deep", log=True, search_low=0.001, search_high=0.1),
     _f("kernels", "entropy_threshold", 0.8, 0.0, 1.0,
@@ -257,7 +256,7 @@ FIELDS: tuple[Field, ...] = (
     _i("meta_optimization", "n_trials", 50, 1, 100_000, "Total trial budget of a campaign.", locked=True),
     _i("meta_optimization", "n_startup_trials", 10, 0, 10_000, "Random trials before TPE.", locked=True),
     _b("meta_optimization", "multivariate", True, "Multivariate TPE.", locked=True),
-    _b("meta_optimization", "enable_deep_tuning", False, "Use the deep (23-parameter) tier.", locked=True),
+    _b("meta_optimization", "enable_deep_tuning", False, "Use the deep tier (the fast tier plus the kernels' and fusion's structural parameters).", locked=True),
     _f("meta_optimization", "train_ratio", 0.7, 0.1, 0.95, "Share of each series used before the first fold.", locked=True),
     _i("meta_optimization", "n_folds", 5, 2, 100, "Walk-forward folds; the last one is the promotion holdout.", locked=True),
     _i("meta_optimization", "batch_size", 8, 1, 256, "Trials sharing a static key evaluated in one vmapped call.", locked=True),
@@ -296,7 +295,7 @@ DYNAMIC_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.dynamic)
 assert len(BY_KEY) == len(ALL_FIELDS), "duplicate config keys"
 assert len({f.name for f in FIELDS if f.section in PREDICTOR_SECTIONS}) == sum(
     f.section in PREDICTOR_SECTIONS for f in FIELDS), "predictor field names must be unique across sections"
-assert len(FAST_TIER) == 8 and len(DEEP_TIER) == 23, (len(FAST_TIER), len(DEEP_TIER))
+assert len(FAST_TIER) == 8 and len(DEEP_TIER) == 22, (len(FAST_TIER), len(DEEP_TIER))
 
 
 def cross_field_errors(values: dict[str, Any]) -> list[str]:

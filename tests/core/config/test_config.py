@@ -60,7 +60,7 @@ def test_tiers():
                                            "log_sig_depth"]
     # the seed's 23 without sinkhorn_epsilon_min, entropy_threshold and stiffness_low (none changes a forecast),
     # plus the two above and jko_learning_rate
-    assert len(DEEP_TIER) == 23
+    assert len(DEEP_TIER) == 22
 
 
 def test_missing_key_names_the_key(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from tests.core.inference.conftest import observations
 from usp_core.inference import PredictionStore, decode_state, run_inference
 from usp_core.inference import store as store_mod
+from usp_core.kernels import EXPERT_NAMES
 
 pytestmark = pytest.mark.slow  # first call compiles init_batch/step_batch
 
@@ -33,7 +34,7 @@ def test_bad_rows_quarantined_good_rows_predicted_and_replay_adds_nothing(tmp_pa
     assert (preds.config_version == small_cfg.version).all() and (preds.dagster_run_id == "run-1").all()
     assert np.isfinite(preds[["prediction", "lower", "upper", "sigma"]].to_numpy()).all()
     assert (preds.lower <= preds.prediction).all() and (preds.prediction <= preds.upper).all()
-    assert all(len(w) == 4 and abs(sum(w) - 1) < 1e-9 for w in preds.weights)
+    assert all(len(w) == len(EXPERT_NAMES) and abs(sum(w) - 1) < 1e-9 for w in preds.weights)
     states = store.table("predictor_states").set_index("series_id")
     assert set(states.index) == {"a", "b"}
     assert pd.Timestamp(states.loc["b", "last_ts"]) == pd.Timestamp("2024-01-01") + pd.Timedelta(hours=m + 2)

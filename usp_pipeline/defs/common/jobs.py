@@ -21,7 +21,7 @@ daily_pipeline = dg.define_asset_job(
 deep_tuning_job = dg.define_asset_job(
     "deep_tuning_job",
     selection=dg.AssetSelection.assets(*DEEP_ASSETS),
-    description="Deep (23-parameter) resumable campaign, then the promotion gate on its best trial.",
+    description="Deep-tier resumable campaign, then the promotion gate on its best trial.",
     tags={"usp/campaign": "deep"},
 )
 

@@ -78,7 +78,7 @@ def deep_tuning_campaign(
     optuna_storage: OptunaStorageResource,
     workload: WorkloadResource,
 ) -> dg.MaterializeResult:
-    """Deep, resumable Optuna campaign over the 23 parameters (trial budget is a total)."""
+    """Deep, resumable Optuna campaign over the deep tier (trial budget is a total)."""
     return _campaign(context, "deep", validated_observations, config_store, mlflow, optuna_storage,
                      workload.deep_trials, workload.workers)
 
