@@ -124,7 +124,7 @@ FIELDS: tuple[Field, ...] = (
     _f("orchestration", "volatility_alpha", 0.1, 0.001, 1.0, "EMA rate of the residual variance v_t.",
        tier="fast", search_low=0.05, search_high=0.3),
     # -- orchestration: CUSUM (SPEC 3.6) ---------------------------------------------------------------
-    _f("orchestration", "cusum_h", 5.0, 0.5, 50.0, "Base CUSUM threshold h.", tier="deep", search_low=2.0, search_high=10.0),
+    _f("orchestration", "cusum_h", 10.0, 0.5, 50.0, "Base CUSUM threshold h.", tier="deep", search_low=3.0, search_high=20.0),
     _f("orchestration", "cusum_k", 0.5, 0.0, 5.0, "CUSUM allowance k.", tier="fast", search_low=0.1, search_high=1.0),
     _i("orchestration", "grace_period_steps", 20, 0, 10_000, "Steps after an alarm during which no new alarm fires.",
        tier="deep", search_low=5, search_high=100),
@@ -231,6 +231,8 @@ FIELDS: tuple[Field, ...] = (
        "Kernel D's RLS down-weights feature vectors whose squared Mahalanobis distance exceeds this times their dimension."),
     _f("kernels", "anchor_mean_window", 500.0, 10.0, 1e6,
        "Span of the long-mean anchor expert: the mean of all past values, then an EMA of this span."),
+    _f("kernels", "anchor_volatility_rate", 0.06, 1e-3, 1.0,
+       "EWMA rate of the long-mean anchor's conditional variance (RiskMetrics: 0.06 for daily data)."),
     # -- validation --------------------------------------------------------------------------------------
     _f("validation", "validation_simplex_atol", 1e-6, 1e-14, 1e-2, "Sinkhorn converged when max marginal error <= this."),
     _f("validation", "validation_viscosity_residual_max", 0.05, 1e-8, 10.0, "Largest acceptable mean DGM PDE residual."),

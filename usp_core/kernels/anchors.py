@@ -28,27 +28,33 @@ def last_value(window: Float[Array, " n"], carry, key, static, params) -> Kernel
 
 class MeanCarry(NamedTuple):
     mean: Float[Array, ""]
-    variance: Float[Array, ""]
+    variance: Float[Array, ""]  # of the values around the running mean, same span as the mean
+    local_variance: Float[Array, ""]  # EWMA of the squared deviations at rate anchor_volatility_rate
     count: Float[Array, ""]
 
 
 def _mean_init(past: Float[Array, " m"], static, params, key) -> MeanCarry:
-    return MeanCarry(jnp.mean(past), jnp.var(past), jnp.asarray(past.shape[0], past.dtype))
+    variance = jnp.var(past)
+    return MeanCarry(jnp.mean(past), variance, variance, jnp.asarray(past.shape[0], past.dtype))
 
 
 def long_mean(window: Float[Array, " n"], carry: MeanCarry, key, static, params) -> KernelResult:
     """Stationary-noise forecast: the mean of all past values, then an EMA of span ``anchor_mean_window`` once
-    that many were seen (a long-run level, as the constant mean of a GARCH); sigma from the matching variance
-    plus the mean's estimation error."""
+    that many were seen (a long-run level, as the constant mean of a GARCH). Sigma is conditional: an EWMA of
+    the squared deviations at ``anchor_volatility_rate`` (RiskMetrics' 0.06 by default), plus the mean's
+    estimation error. With the unconditional variance instead, kernels with a noisy mean but a local sigma
+    out-scored it on returns and carried their mean into the fusion."""
     y = window[-1]
     count = carry.count + 1.0
     rate = jnp.maximum(1.0 / count, 1.0 / params["anchor_mean_window"])
+    local_rate = jnp.maximum(1.0 / count, params["anchor_volatility_rate"])
     delta = y - carry.mean
     mean = carry.mean + rate * delta
     variance = (1.0 - rate) * (carry.variance + rate * delta**2)
+    local_variance = (1.0 - local_rate) * carry.local_variance + local_rate * delta**2
     _, _, scale = zscore(window, params["numerical_epsilon"])
-    sigma = jnp.maximum(jnp.sqrt(variance * (1.0 + rate)), params["numerical_epsilon"] * scale)
-    return KernelResult(mean, sigma, {}, MeanCarry(mean, variance, count))
+    sigma = jnp.maximum(jnp.sqrt(local_variance + rate * variance), params["numerical_epsilon"] * scale)
+    return KernelResult(mean, sigma, {}, MeanCarry(mean, variance, local_variance, count))
 
 
 LAST_VALUE = ForecastKernel("last_value", _empty_carry, last_value, ())
