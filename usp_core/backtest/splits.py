@@ -10,6 +10,7 @@ fold is the holdout reserved for the promotion gate; tuning uses the others.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,9 +19,17 @@ WindowKind = Literal["expanding", "rolling"]
 
 @dataclass(frozen=True)
 class Fold:
+    """One walk-forward fold; unpacks as ``train, test`` (``holdout`` is read by attribute)."""
+
     train: range
     test: range
     holdout: bool = False
+
+    def __iter__(self) -> Iterator[range]:
+        # Not a NamedTuple: equality and hashing must keep comparing holdout, and a Fold must never equal a
+        # plain tuple.
+        yield self.train
+        yield self.test
 
 
 def _fold_length(n: int, train_ratio: float, n_folds: int, embargo: int, min_train: int) -> tuple[int, int]:

@@ -44,6 +44,22 @@ def test_too_short_raises_with_required_length():
         walk_forward_split(needed - 1, train_ratio=0.7, n_folds=5, min_train=64)
 
 
+def test_folds_unpack_as_train_test_pairs():
+    folds = walk_forward_split(100, train_ratio=0.6, n_folds=4, window="rolling", embargo=2)
+    pairs = [(train, test) for train, test in folds]
+    assert pairs == [(f.train, f.test) for f in folds]
+    train, test = folds[-1]
+    assert (train, test) == (folds[-1].train, folds[-1].test) and folds[-1].holdout
+
+
+def test_fold_equality_and_hash_still_include_holdout():
+    folds = walk_forward_split(50, 0.5, 5)
+    last = folds[-1]
+    twin = type(last)(last.train, last.test, holdout=False)
+    assert twin != last and last in select_folds(folds, "holdout") and twin not in select_folds(folds, "holdout")
+    assert len({*folds, *walk_forward_split(50, 0.5, 5)}) == 5
+
+
 def test_select_folds():
     folds = walk_forward_split(50, 0.5, 5)
     assert select_folds(folds, "tuning") == folds[:-1]
