@@ -3,8 +3,8 @@
 ``validate_observations`` never drops a row silently: every input row ends up either in the clean frame or in
 the quarantine frame with a reason. Reasons, in the order they are checked: ``null``, ``empty_series_id``,
 ``non_numeric``, ``non_finite``, ``too_large``, ``bad_timestamp``, ``unknown_series``, ``duplicate`` (same
-(series_id, ts) as an earlier row), ``out_of_order`` (ts earlier than one already accepted for the series,
-in input order), ``short_series`` (fewer than ``min_history`` clean rows).
+(series_id, ts) as an earlier row that passed the checks above), ``out_of_order`` (ts earlier than one already
+accepted for the series, in input order), ``short_series`` (fewer than ``min_history`` clean rows).
 """
 
 from __future__ import annotations
@@ -70,6 +70,13 @@ def _parse_timestamps(raw: pd.Series) -> pd.Series:
     return ts.dt.tz_convert("UTC").astype(pd.DatetimeTZDtype("ns", "UTC"))
 
 
+def _repeated_among_valid(candidates: pd.DataFrame, valid: pd.Series) -> pd.Series:
+    """Valid rows whose (series_id, ts) an earlier valid row already has; invalid rows are already quarantined
+    for their own reason, so they must not take the key from a later valid row."""
+    repeated = candidates[valid].duplicated(["series_id", "ts"])
+    return repeated.reindex(candidates.index, fill_value=False)
+
+
 def validate_observations(
     df: pd.DataFrame,
     min_history: int = 0,
@@ -106,8 +113,7 @@ def validate_observations(
         mark(~series_id.isin(set(known_series)), "unknown_series")
 
     candidates = pd.DataFrame({"series_id": series_id, "ts": ts, "value": value})
-    ok = reason.isna()
-    mark(ok & candidates.duplicated(["series_id", "ts"]) & ok, "duplicate")
+    mark(_repeated_among_valid(candidates, reason.isna()), "duplicate")
     previous = pd.Series(pd.NaT, index=raw.index, dtype=ts.dtype)
     if last_ts:
         stored = series_id.map({k: pd.Timestamp(v).tz_convert("UTC") if pd.Timestamp(v).tzinfo else pd.Timestamp(v, tz="UTC") for k, v in last_ts.items()})

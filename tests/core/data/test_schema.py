@@ -63,6 +63,27 @@ def test_duplicate_keeps_first_and_quarantines_repeat():
     assert 99.0 not in clean["value"].tolist()
 
 
+@pytest.mark.parametrize("bad", ["abc", None, "inf"])
+@pytest.mark.parametrize("invalid_first", [True, False])
+def test_invalid_row_does_not_make_a_valid_one_duplicate(bad, invalid_first):
+    t = pd.Timestamp("2024-01-01", tz="UTC")
+    rows = [("a", t, bad), ("a", t, "1.0")]
+    if not invalid_first:
+        rows.reverse()
+    df = pd.DataFrame(rows, columns=["series_id", "ts", "value"])
+    clean, reasons = _reasons(df)
+    assert clean["value"].tolist() == [1.0]
+    invalid_row = 0 if invalid_first else 1
+    assert list(reasons) == [invalid_row] and reasons[invalid_row] != "duplicate"
+
+
+def test_two_valid_rows_with_same_key_still_duplicate_after_an_invalid_one():
+    t = pd.Timestamp("2024-01-01", tz="UTC")
+    df = pd.DataFrame([("a", t, "abc"), ("a", t, "1.0"), ("a", t, "2.0")], columns=["series_id", "ts", "value"])
+    clean, reasons = _reasons(df)
+    assert reasons == {0: "non_numeric", 2: "duplicate"} and clean["value"].tolist() == [1.0]
+
+
 def test_out_of_order_timestamp():
     df = _frame(5)
     late = pd.DataFrame({"series_id": ["a"], "ts": [pd.Timestamp("2023-12-31", tz="UTC")], "value": [7.0]})
