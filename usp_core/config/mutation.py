@@ -46,6 +46,7 @@ FAULT_POINTS: tuple[str, ...] = (
 BACKUP_DIR_NAME = "backups"
 CONFIG_FILE_MODE = 0o644
 STATE_FILE_MODE = 0o600
+STALE_PREFIX = "stale:"
 
 
 class GuardViolation(ConfigError):
@@ -258,6 +259,12 @@ def _drift_note(audit_path: Path, current_version: str) -> str:
     return ""
 
 
+def stale_reason(expected_version: str, found_version: str) -> str:
+    """Why a compare-and-swap write was refused (starts with :data:`STALE_PREFIX`)."""
+    return (f"{STALE_PREFIX} judged against config version {expected_version}, but the file now holds "
+            f"{found_version} (another promotion, a rollback or an edit came first); nothing written")
+
+
 def _replace_config(path: Path, old_bytes: bytes, new_bytes: bytes, old_version: str, now: dt.datetime) -> Path:
     backup = write_backup(path, old_bytes, old_version, now)
     fault_point("backup_written")
@@ -278,6 +285,7 @@ def atomic_write_config(
     reason: str = "",
     enforce_guards: bool = True,
     lock_timeout: float = 30.0,
+    expected_version: str | None = None,
 ) -> MutationResult:
     """Validate ``changes`` against the schema and the mutation policy, then atomically rewrite ``path``.
 
@@ -285,6 +293,9 @@ def atomic_write_config(
     was and returns ``applied=False`` with the reason. Guards (``enforce_guards``): at most
     ``mutation_policy.max_promotions_per_hour`` applied promotions (trigger ``"promotion"``) in the last hour,
     and no continuous parameter changing by more than ``mutation_policy.max_relative_change`` (relative).
+    With ``expected_version`` the write is a compare-and-swap: if the version read under the lock differs,
+    nothing is written and the attempt is audited as stale (:func:`stale_reason`, with ``expected_version``
+    and ``found_version`` in the record).
     """
     path = Path(path)
     with config_lock(path, timeout=lock_timeout) as stale_pid:
@@ -296,14 +307,18 @@ def atomic_write_config(
         if stale_pid is not None:
             note += f"; cleared a stale lock of dead pid {stale_pid}"
 
-        def reject(why: str, delta: Mapping[str, tuple[Any, Any]] | None = None) -> MutationResult:
+        def reject(why: str, delta: Mapping[str, tuple[Any, Any]] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> MutationResult:
             rec = append_audit_record(
                 audit_path, event="MUTATION_REJECTED", trigger=trigger, delta=delta or {}, objective=objective,
                 config_version_before=current.version, config_version_after=current.version,
-                mlflow_run_id=mlflow_run_id, reason=why + note, now=now)
+                mlflow_run_id=mlflow_run_id, reason=why + note, now=now, extra=extra)
             return MutationResult(False, "MUTATION_REJECTED", why, trigger, dict(delta or {}), current.version,
                                   current.version, None, rec, current, stale_pid)
 
+        if expected_version is not None and current.version != expected_version:
+            return reject(stale_reason(expected_version, current.version), _requested_delta(current, changes),
+                          {"expected_version": expected_version, "found_version": current.version})
         try:
             merged, delta = validate_changes(current, changes, check_relative_change=enforce_guards)
         except GuardViolation as exc:

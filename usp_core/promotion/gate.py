@@ -101,6 +101,9 @@ class PromotionDecision:
     p_value: float
     n_steps: int = 0
     dm_lag: int = 0
+    # The version of the champion config file the gate judged: promotion applies the decision only while the
+    # file still holds it (None: no check, for decisions made outside a config file).
+    champion_version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

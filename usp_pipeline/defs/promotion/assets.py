@@ -61,18 +61,23 @@ def promotion_decision(
     config_store: ConfigStoreResource,
 ) -> dg.MaterializeResult:
     """Champion vs challenger on the holdout folds: improvement and one-sided Diebold-Mariano p-value."""
+    from usp_core.config import load_config
     from usp_pipeline.defs.common.core_adapters import promotion_gate
 
+    # champion_config applies the decision only while the file still holds this version. It is the file's own
+    # version (environment overrides are not in the file), read before the judged config so that a change in
+    # between can only make the decision stale, never let it apply to a config it did not see.
+    file_version = load_config(config_store.path(), environ={}).version
     champion = config_store.load()
     challenger = champion.replace(challenger_config["params"], source="challenger")
     decision = promotion_gate(champion, challenger, validated_observations)
     decision.update(challenger_params=challenger_config["params"], challenger_version=challenger.version,
-                    champion_version=champion.version, campaign_mlflow_run_url=challenger_config.get("mlflow_run_url"))
+                    champion_version=file_version, campaign_mlflow_run_url=challenger_config.get("mlflow_run_url"))
     context.log.info(f"promotion decision: {'PROMOTE' if decision['promote'] else 'keep champion'} ({decision['reason']})")
     meta = {
         "decision": "promote" if decision["promote"] else "keep champion",
         "reason": decision["reason"],
-        "champion_version": champion.version,
+        "champion_version": file_version,
         "challenger_version": challenger.version,
     }
     for key in ("champion_score", "challenger_score", "improvement", "p_value", "dm_stat"):
@@ -90,18 +95,25 @@ def champion_config(
     config_store: ConfigStoreResource,
     mlflow: MLflowTrackerResource,
 ) -> dg.MaterializeResult:
-    """config/config.toml: rewritten atomically (audited, registry alias moved) when the gate promotes."""
+    """config/config.toml: rewritten atomically (audited, alias moved) when the gate promotes the version it judged."""
+    from usp_core.promotion.promote import is_stale_reason
     from usp_pipeline.defs.common.core_adapters import apply_promotion
 
     outcome = apply_promotion(config_store.path(), promotion_decision, changes=promotion_decision["challenger_params"],
                               tracking_uri=mlflow.uri(), run_id=context.run.run_id)
-    context.log.info(f"champion config {outcome['version']} (promoted: {outcome['promoted']}, {outcome['reason']})")
+    stale = is_stale_reason(outcome["reason"])
+    # A stale decision is an expected outcome of concurrent writers, not a failure: the file is intact and
+    # downstream assets should still run on it, so the asset materialises (promoted=False, stale=True).
+    log = context.log.warning if stale else context.log.info
+    log(f"champion config {outcome['version']} (promoted: {outcome['promoted']}, {outcome['reason']})")
     return dg.MaterializeResult(
         value=outcome,
         metadata={
             "config_version": outcome["version"],
             "previous_version": outcome["previous_version"],
             "promoted": outcome["promoted"],
+            "stale": stale,
+            "judged_version": str(promotion_decision.get("champion_version")),
             "reason": outcome["reason"],
             "path": dg.MetadataValue.path(str(config_store.path())),
             "delta": dg.MetadataValue.json(outcome.get("delta", {})),
