@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
+from usp_core.durable import atomic_write_bytes
 from usp_core.paths import dagster_home
 
 ALLOW_MISSING = "usp/allow_missing"
@@ -25,17 +25,16 @@ class ParquetJsonIOManager(dg.ConfigurableIOManager):
         return root.joinpath(*key.path)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        # The daily and deep jobs may materialise one asset at the same time: each write goes through its own
+        # temp file (atomic_write_bytes), so the last rename wins and no reader ever sees a torn file.
         stem = self._stem(context.asset_key)
-        stem.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(obj, pd.DataFrame):
             target, other = stem.with_suffix(".parquet"), stem.with_suffix(".json")
-            tmp = target.with_suffix(".parquet.tmp")
-            obj.to_parquet(tmp, index=False)
+            data = obj.to_parquet(None, index=False)
         else:
             target, other = stem.with_suffix(".json"), stem.with_suffix(".parquet")
-            tmp = target.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(obj, default=_json_default, indent=1), encoding="utf-8")
-        os.replace(tmp, target)
+            data = json.dumps(obj, default=_json_default, indent=1).encode("utf-8")
+        atomic_write_bytes(target, data)
         other.unlink(missing_ok=True)
 
     def load_input(self, context: dg.InputContext) -> Any:
