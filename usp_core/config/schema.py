@@ -124,7 +124,7 @@ FIELDS: tuple[Field, ...] = (
     _f("orchestration", "volatility_alpha", 0.1, 0.001, 1.0, "EMA rate of the residual variance v_t.",
        tier="fast", search_low=0.05, search_high=0.3),
     # -- orchestration: CUSUM (SPEC 3.6) ---------------------------------------------------------------
-    _f("orchestration", "cusum_h", 10.0, 0.5, 50.0, "Base CUSUM threshold h.", tier="deep", search_low=3.0, search_high=20.0),
+    _f("orchestration", "cusum_h", 5.0, 0.5, 50.0, "Base CUSUM threshold h.", tier="deep", search_low=2.0, search_high=20.0),
     _f("orchestration", "cusum_k", 0.5, 0.0, 5.0, "CUSUM allowance k.", tier="fast", search_low=0.1, search_high=1.0),
     _i("orchestration", "grace_period_steps", 20, 0, 10_000, "Steps after an alarm during which no new alarm fires.",
        tier="deep", search_low=5, search_high=100),
