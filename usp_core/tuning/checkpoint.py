@@ -1,10 +1,13 @@
 """Portable, non-executable study checkpoints (SPEC §5, seed V-CRIT-1 corrected: no pickle).
 
-A checkpoint is canonical JSON of the study's trials (distributions via
+The study document is canonical JSON of the study's trials (distributions via
 ``optuna.distributions.distribution_to_json``, params, values, states, intermediate values, user and
-system attrs) with a ``<path>.sha256`` sidecar. Both files are written atomically (tmp, fsync,
-``os.replace``, directory fsync); the sidecar is written last so a crash leaves either the old pair,
-or a new payload whose digest does not verify (never a silently wrong study).
+system attrs). The checkpoint file wraps it in a JSON envelope whose header carries the SHA-256 of the
+document's bytes, so the digest can never be separated from what it protects; the file is written
+atomically (tmp, fsync, ``os.replace``, directory fsync), and a crash leaves either the old or the new
+checkpoint, both loadable. A ``<path>.sha256`` sidecar (sha256sum format, digest of the whole file) is
+written afterwards for external tools; the loader does not need it, as it may be stale after a crash.
+Checkpoints of the previous format (the bare document, verified only by its sidecar) still load.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ from usp_core.durable import atomic_write_bytes
 
 FORMAT = "usp-optuna-study"
 FORMAT_VERSION = 1
+# The envelope is written and parsed as fixed bytes around the document, so that the digest is checked on
+# the exact bytes that were hashed, before any of them are parsed.
+_HEAD = b'{"format": "usp-optuna-checkpoint", "format_version": 1, "body_sha256": "'
+_BODY = b'", "body": '
+_TAIL = b"}\n"
+_DIGEST_LENGTH = 64
 
 
 class IntegrityError(Exception):
-    """A checkpoint's content does not match its SHA-256 sidecar (corrupted or tampered)."""
+    """A checkpoint's content does not match its SHA-256 digest (corrupted or tampered)."""
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -65,7 +74,7 @@ def trial_from_dict(d: Mapping[str, Any]) -> FrozenTrial:
     params) so that the resumed campaign re-runs it: nothing lost, nothing duplicated."""
     state = TrialState[d["state"]]
     finished = state.is_finished()
-    trial = FrozenTrial(
+    return FrozenTrial(  # validated by Study.add_trials
         number=d["number"],
         state=state if finished else TrialState.WAITING,
         value=None,
@@ -79,8 +88,6 @@ def trial_from_dict(d: Mapping[str, Any]) -> FrozenTrial:
         intermediate_values={int(k): v for k, v in d["intermediate_values"].items()},
         trial_id=d["number"],
     )
-    trial._validate()
-    return trial
 
 
 def study_to_document(study: optuna.Study, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -102,34 +109,62 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
 
 
 def save_study(study: optuna.Study, path: str | os.PathLike[str], meta: Mapping[str, Any] | None = None) -> str:
-    """Write the checkpoint and its sidecar; returns the hex digest."""
-    payload = json.dumps(study_to_document(study, meta), sort_keys=True, indent=1).encode()
-    digest = hashlib.sha256(payload).hexdigest()
+    """Write the self-verifying checkpoint, then its sidecar; returns the file's hex digest (as in the sidecar)."""
+    body = json.dumps(study_to_document(study, meta), sort_keys=True, indent=1).encode()
+    data = _envelope(body)
     p = Path(path)
-    atomic_write_bytes(p, payload)
+    atomic_write_bytes(p, data)
+    digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(sidecar_path(p), f"{digest}  {p.name}\n".encode())
     return digest
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The verified checkpoint document (IntegrityError on digest mismatch, FileNotFoundError if the
-    checkpoint or its sidecar is missing)."""
+    """The verified checkpoint document. IntegrityError when the content does not match its digest;
+    FileNotFoundError when the checkpoint is missing, or when it has no embedded digest (previous format)
+    and its sidecar is missing."""
     p = Path(path)
-    payload = p.read_bytes()
-    side = sidecar_path(p)
-    if not side.exists():
-        raise FileNotFoundError(f"checkpoint sidecar {side} is missing; refusing to load {p} unverified")
-    expected = side.read_text().split()[0] if side.read_text().strip() else ""
-    actual = hashlib.sha256(payload).hexdigest()
-    if actual != expected:
-        raise IntegrityError(f"SHA-256 mismatch for {p}: sidecar {expected[:16]}..., content {actual[:16]}...")
+    raw = p.read_bytes()
+    body = _unwrap(raw, p) if raw.startswith(_HEAD) else _verify_with_sidecar(raw, p)
     try:
-        doc = json.loads(payload)
-    except ValueError as exc:  # only reachable when the sidecar was forged to match a broken file
+        doc = json.loads(body)
+    except ValueError as exc:  # only reachable when the digest was forged to match a broken file
         raise IntegrityError(f"{p} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
         raise IntegrityError(f"{p} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
     return doc
+
+
+def _envelope(body: bytes) -> bytes:
+    return b"".join([_HEAD, hashlib.sha256(body).hexdigest().encode(), _BODY, body, _TAIL])
+
+
+def _unwrap(raw: bytes, p: Path) -> bytes:
+    """The document bytes of an enveloped checkpoint, verified against the digest in its header."""
+    start = len(_HEAD) + _DIGEST_LENGTH + len(_BODY)
+    if len(raw) < start + len(_TAIL) or not raw.endswith(_TAIL) or raw[start - len(_BODY):start] != _BODY:
+        raise IntegrityError(f"checkpoint {p} is truncated or its header is damaged")
+    expected = raw[len(_HEAD):len(_HEAD) + _DIGEST_LENGTH].decode("ascii", errors="replace")
+    body = raw[start:-len(_TAIL)]
+    actual = hashlib.sha256(body).hexdigest()
+    if actual != expected:
+        raise IntegrityError(f"checkpoint {p} is corrupted: SHA-256 of its body is {actual[:16]}..., "
+                             f"its header says {expected[:16]}...")
+    return body
+
+
+def _verify_with_sidecar(raw: bytes, p: Path) -> bytes:
+    """The whole file of a previous-format checkpoint, verified against its ``.sha256`` sidecar."""
+    side = sidecar_path(p)
+    if not side.exists():
+        raise FileNotFoundError(f"checkpoint {p} has no embedded digest (previous format or damaged header) "
+                                f"and its sidecar {side} is missing; refusing to load it unverified")
+    text = side.read_text()
+    expected = text.split()[0] if text.strip() else ""
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected:
+        raise IntegrityError(f"SHA-256 mismatch for {p}: sidecar {expected[:16]}..., content {actual[:16]}...")
+    return raw
 
 
 def restore_study(

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 import usp_core  # noqa: F401  (x64)
 from usp_core.config import ConfigError, PredictorConfig
 from usp_core.config.schema import DEEP_TIER, FAST_TIER
-from usp_core.tuning.checkpoint import IntegrityError
+from usp_core.tuning.checkpoint import IntegrityError, read_checkpoint
 from usp_core.tuning.optimizer import AsyncMetaOptimizer, BayesianMetaOptimizer, TrialScore, study_name_for
 from usp_core.tuning.space import SearchSpace
 
@@ -112,7 +112,7 @@ def test_checkpoint_integrity(tmp_path):
     opt.optimize()
     path = tmp_path / "ck.json"
     digest = opt.save_study(path)
-    doc = json.loads(path.read_text())
+    doc = read_checkpoint(path)
     assert doc["study_name"] == opt.study_name and len(doc["trials"]) == 6
     assert "distributions" in doc["trials"][0] and (tmp_path / "ck.json.sha256").read_text().startswith(digest)
     with pytest.raises(ValueError, match="holds study"):
@@ -123,7 +123,9 @@ def test_checkpoint_integrity(tmp_path):
     with pytest.raises(IntegrityError):
         BayesianMetaOptimizer.load_study(path, fake_evaluator, storage="memory:")
     opt.save_study(path)
-    (tmp_path / "ck.json.sha256").unlink()
+    (tmp_path / "ck.json.sha256").unlink()  # the digest is embedded: the sidecar only serves external tools
+    assert len(BayesianMetaOptimizer.load_study(path, fake_evaluator, storage="memory:").study.trials) == 6
+    path.unlink()
     with pytest.raises(FileNotFoundError):
         BayesianMetaOptimizer.load_study(path, fake_evaluator, storage="memory:")
     assert not list(tmp_path.glob(".*.tmp"))
@@ -160,7 +162,7 @@ def test_async_save_never_blocks_the_loop(tmp_path, monkeypatch):
     # 10 batches -> 10 saves of 0.3 s each: a blocking loop would take >= baseline + 3 s
     assert len(submit) == 10 and max(submit) < 0.05, submit
     assert loop < baseline + 10 * delay / 2, (loop, baseline)
-    assert len(json.loads(path.read_text())["trials"]) == 40  # the last save holds the final study
+    assert len(read_checkpoint(path)["trials"]) == 40  # the last save holds the final study
 
 
 # -- budget as a total, crashes, several workers ---------------------------------------------------------------
