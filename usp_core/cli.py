@@ -7,13 +7,13 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-DEFAULT_CONFIG = "config/config.toml"
+from usp_core.paths import config_path
 
 
 class UserError(Exception):
@@ -22,9 +22,10 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from usp_core.config import ConfigError
+    from usp_core.inference import StoreBusyError
 
     errors: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError, ValueError, KeyError,
-                                         PermissionError, IsADirectoryError]
+                                         PermissionError, IsADirectoryError, StoreBusyError]
     try:
         from usp_core.tuning.checkpoint import IntegrityError
 
@@ -40,11 +41,35 @@ def _load(args: argparse.Namespace):
     return load_config(args.config)
 
 
-def _dev_panel(series: int, length: int):
-    from usp_core.data.real import DEV_SERIES, load_dev_panel
+def _panel(args: argparse.Namespace):
+    """The observations a command works on: ``--data FILE`` (validated as ingestion would, nothing stored), else
+    the observation store; ``--series`` keeps the first N series (by id), ``--length`` the newest N points."""
+    from usp_core.inference import PredictionStore
 
-    panel, _ = load_dev_panel(DEV_SERIES[:series] if series else None, max_length=length or None)
-    return panel
+    if args.data:
+        from usp_core.data.schema import validate_observations
+        from usp_core.inference import read_observation_file
+
+        panel, quarantine = validate_observations(read_observation_file(args.data), 0)
+        if len(quarantine):
+            print(f"{args.data}: {len(quarantine)} rows quarantined "
+                  f"({quarantine['reason'].value_counts().to_dict()})", file=sys.stderr)
+        source = args.data
+        if args.length:
+            panel = panel.groupby("series_id", sort=False).tail(args.length)
+    else:
+        store = PredictionStore(args.db)
+        panel = store.load_observations(max_length=args.length)
+        source = f"the observation store {store.path}"
+        if panel.empty:
+            raise UserError(f"the observation store {store.path} holds no observations; "
+                            "run `usp ingest FILE|DIR` (or `usp ingest --bundled` for the bundled series) first")
+    ids = sorted(panel["series_id"].unique())
+    if args.series:
+        ids = ids[: args.series]
+        panel = panel[panel["series_id"].isin(ids)]
+    print(f"{len(ids)} series, {len(panel)} observations from {source}", file=sys.stderr)
+    return panel.reset_index(drop=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -63,8 +88,9 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     from usp_core.backtest.runner import run_backtest
 
     cfg = _load(args)
-    print(f"backtesting config {cfg.version} on the bundled panel ...", file=sys.stderr)
-    result = run_backtest(cfg, _dev_panel(args.series, args.length), include=args.include)
+    panel = _panel(args)
+    print(f"backtesting config {cfg.version} ...", file=sys.stderr)
+    result = run_backtest(cfg, panel, include=args.include)
     print(f"config {cfg.version}  objective ({result.objective_name}) = {result.objective:.6g}")
     print(result.aggregate.to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
@@ -74,7 +100,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from usp_core.tuning.campaign import run_campaign
 
     cfg = _load(args)
-    result = run_campaign(cfg, _dev_panel(args.series, args.length), tier=args.tier, n_trials=args.trials,
+    result = run_campaign(cfg, _panel(args), tier=args.tier, n_trials=args.trials,
                           storage=args.storage, workers=args.workers, campaign=args.campaign, progress=True)
     print(result.report.text)
     print(f"study {result.study_name} on {result.storage.split('@')[-1]}: best {result.best_value}")
@@ -86,11 +112,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     import optuna
 
+    from usp_core.config import load_config
     from usp_core.promotion.gate import evaluate_promotion
     from usp_core.promotion.promote import challenger_changes, promote
     from usp_core.promotion.registry import ConfigRegistry
     from usp_core.tuning.optimizer import default_storage_url, make_storage, study_name_for
 
+    judged_version = load_config(args.config, environ={}).version  # the file's own version: the CAS compares it
     champion = _load(args)
     storage = args.storage or default_storage_url()
     name = study_name_for(args.campaign or f"{args.tier}-tuning", args.tier)
@@ -100,8 +128,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as exc:
         raise UserError(f"no finished trials in study {name!r} on {storage}; run `usp tune --tier {args.tier}` first") from exc
     challenger = champion.replace(best, source=f"study {name}")
-    panel = _dev_panel(args.series, args.length)
-    decision = evaluate_promotion(champion, challenger, panel)
+    panel = _panel(args)
+    decision = dataclasses.replace(evaluate_promotion(champion, challenger, panel), champion_version=judged_version)
     print(f"gate: {decision.reason}")
     outcome = promote(args.config, challenger_changes(champion, challenger), decision,
                       registry=ConfigRegistry.for_config(args.config))
@@ -136,8 +164,9 @@ def _previous_backup(config: str) -> str:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from usp_core.config.audit import verify_audit_log
+    from usp_core.config.mutation import resolve_audit_log
 
-    log = args.log or _load(args)["audit.audit_log"]
+    log = args.log or resolve_audit_log(args.config, _load(args))
     if not Path(log).exists():
         raise FileNotFoundError(f"audit log {log} does not exist")
     ok, problems = verify_audit_log(log)
@@ -145,6 +174,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(problem)
     print(f"{log}: {'OK, hash chain intact' if ok else 'TAMPERED'}")
     return 0 if ok else 1
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from usp_core.inference import PredictionStore, ingest_file, ingest_frame, observation_files
+
+    if not args.paths and not args.bundled:
+        raise UserError("name at least one FILE or DIR, or --bundled")
+    store = PredictionStore(args.db)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    results = [ingest_file(f, store, log=log) for f in observation_files(args.paths)]
+    if args.bundled:
+        from usp_core.data.real import DEV_SERIES, load_dev_panel
+
+        panel, _ = load_dev_panel(DEV_SERIES[: args.series] if args.series else None)
+        results.append(ingest_frame(panel, store, source="bundled dev series"))
+        log(f"bundled dev series: {results[-1].appended} appended, {results[-1].skipped} already stored")
+    appended = sum(r.appended for r in results)
+    quarantined = sum(r.quarantined for r in results)
+    print(f"{appended} observations appended, {sum(r.skipped for r in results)} already stored, {quarantined} "
+          f"quarantined, from {len(results)} source(s) into {store.path}")
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -171,16 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", default=os.environ.get("USP_CONFIG_PATH", DEFAULT_CONFIG),
-                       help=f"config file (default {DEFAULT_CONFIG} or $USP_CONFIG_PATH)")
+        p.add_argument("--config", default=str(config_path()), help="config file (default $USP_CONFIG_PATH or "
+                       "config/config.toml under the project root)")
+
+    def db_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", default=None, help="DuckDB store (default $USP_DUCKDB_PATH or $DAGSTER_HOME/usp.duckdb)")
 
     def add(name: str, func, help_text: str, *, config: bool = True, panel: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if config:
             config_option(p)
         if panel:
-            p.add_argument("--series", type=int, default=0, help="use the first N bundled series (0: all)")
+            p.add_argument("--series", type=int, default=0, help="use the first N series (0: all)")
             p.add_argument("--length", type=int, default=0, help="keep the newest N points per series (0: all)")
+            if name != "demo":
+                p.add_argument("--data", default=None, metavar="FILE",
+                               help="observations from this CSV/Parquet file instead of the observation store")
+                db_option(p)
         p.set_defaults(func=func)
         return p
 
@@ -225,9 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--log", default=None, help="audit log path (default: audit.audit_log of the config)")
     config_option(verify)
 
+    p = add("ingest", cmd_ingest, "Append observation files (CSV/Parquet; a directory: all of them) to the "
+            "observation store; bad rows are quarantined with a reason, replays add nothing.", config=False)
+    p.add_argument("paths", nargs="*", metavar="FILE|DIR", help="columns series_id, ts, value")
+    p.add_argument("--bundled", action="store_true", help="also ingest the bundled dev series")
+    p.add_argument("--series", type=int, default=0, help="with --bundled: the first N bundled series (0: all)")
+    db_option(p)
+
     p = add("predict", cmd_predict, "Predict from an observation file into DuckDB (same path as the sensor).")
     p.add_argument("file", help="CSV or Parquet with columns series_id, ts, value")
-    p.add_argument("--db", default=None, help="DuckDB file (default $USP_DUCKDB_PATH or dagster_home/usp.duckdb)")
+    db_option(p)
 
     p = add("bench", cmd_bench, "Run the benchmarks and write bench/results.", config=False)
     p.add_argument("--out", default="bench/results")

@@ -20,18 +20,37 @@ INCOMING_ROWS = 80
 
 
 def _resources_config(series: int, length: int, trials: int, incoming: Path) -> dict:
-    return {"workload": {"config": {"max_series": series, "max_length": length, "fast_trials": trials,
+    from usp_core.data.real import DEV_SERIES
+
+    return {"workload": {"config": {"series": list(DEV_SERIES[:series]), "max_length": length, "fast_trials": trials,
                                     "deep_trials": trials, "incoming_dir": str(incoming)}}}
+
+
+def _bundled(series: int):
+    from usp_core.data.real import DEV_SERIES, load_dev_panel
+
+    panel, _ = load_dev_panel(DEV_SERIES[:series])
+    newest = panel.groupby("series_id", sort=False).cumcount(ascending=False) < INCOMING_ROWS
+    return panel[~newest], panel[newest]
+
+
+def seed_store(store, series: int) -> int:
+    """Ingest the bundled series into the observation store, all but their newest ``INCOMING_ROWS`` points (they
+    arrive later as the sample file); a rerun adds nothing. Returns the rows appended."""
+    from usp_core.inference import ingest_frame
+
+    history, _ = _bundled(series)
+    return ingest_frame(history, store, source="bundled dev series (demo)").appended
 
 
 def write_sample_file(incoming: Path, series: int) -> Path:
     """Newest observations of the bundled series plus two bad rows, dropped atomically into ``incoming``."""
     import pandas as pd
 
-    from usp_core.data.real import DEV_SERIES, load_dev_panel
+    from usp_core.data.real import DEV_SERIES
 
-    panel, _ = load_dev_panel(DEV_SERIES[:series], max_length=INCOMING_ROWS)
-    sample = panel.assign(ts=panel["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")).astype({"value": object})
+    _, newest = _bundled(series)
+    sample = newest.assign(ts=newest["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")).astype({"value": object})
     bad = pd.DataFrame({"series_id": [DEV_SERIES[0], ""], "ts": ["2100-01-01T00:00:00Z", "2100-01-01T00:00:00Z"],
                         "value": ["not-a-number", "1.0"]})
     sample = pd.concat([sample, bad], ignore_index=True)
@@ -58,7 +77,14 @@ def run_demo(series: int = DEMO_SERIES, length: int = DEMO_LENGTH, trials: int =
     run_config = {"resources": _resources_config(series, length, trials, incoming)}
     started = time.monotonic()
 
-    print(f"[1/3] daily_pipeline on {series} bundled series x {length} points, {trials} fast trials ...", flush=True)
+    from usp_core.inference import PredictionStore
+
+    store = PredictionStore(defs.resources["duckdb"].database_path())
+    print(f"[0/3] ingesting {series} bundled series into the observation store {store.path} ...", flush=True)
+    appended = seed_store(store, series)
+    print(f"      {appended} observations appended ({'first run' if appended else 'already stored'})", flush=True)
+    print(f"[1/3] daily_pipeline on the store's {series} series x newest {length} points, {trials} fast trials ...",
+          flush=True)
     daily = defs.resolve_job_def("daily_pipeline").execute_in_process(instance=instance, run_config=run_config)
     values = {name: _materialized_metadata(daily, name) for name in
               ("champion_backtest", "fast_tuning_campaign", "promotion_decision", "champion_config")}
@@ -79,14 +105,12 @@ def run_demo(series: int = DEMO_SERIES, length: int = DEMO_LENGTH, trials: int =
         launched += 1
 
     print("[3/3] summary", flush=True)
-    from usp_core.inference import PredictionStore
-
-    store = PredictionStore(defs.resources["duckdb"].database_path())
     summary = {
         "seconds": round(time.monotonic() - started, 1),
         **values,
         "sample_file": str(sample),
         "inference_runs": launched,
+        "observations_rows": store.count("observations"),
         "predictions_rows": store.count("predictions"),
         "quarantine_rows": store.count("quarantine"),
         "duckdb": str(store.path),
@@ -120,6 +144,7 @@ def _print_summary(summary: dict, home: Path) -> None:
         f"  (MLflow: {tune.get('mlflow_run', 'n/a')})",
         f"  promotion gate      {gate.get('reason')}",
         f"  champion config     {champ.get('config_version')} (promoted: {champ.get('promoted')})",
+        f"  observation store   {summary['observations_rows']} rows (`usp ingest FILE|DIR` adds yours)",
         f"  predictions         {summary['predictions_rows']} rows in {summary['duckdb']} "
         f"({summary['quarantine_rows']} quarantined rows, {summary['inference_runs']} inference run(s))",
         "",

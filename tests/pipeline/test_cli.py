@@ -9,7 +9,7 @@ import pytest
 from usp_core.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = ["demo", "backtest", "tune", "promote", "config", "audit", "predict", "bench"]
+COMMANDS = ["demo", "ingest", "backtest", "tune", "promote", "config", "audit", "predict", "bench"]
 
 
 @pytest.mark.parametrize("argv", [[c, "--help"] for c in COMMANDS] + [["config", "rollback", "--help"],
@@ -56,3 +56,26 @@ def test_audit_verify_on_a_chain(tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
     log.write_text(log.read_text().replace('"test"', '"evil"'))
     assert main(["audit", "verify", "--log", str(log)]) == 1
+
+
+def test_ingest_then_commands_read_the_store(tmp_path, capsys, monkeypatch):
+    """`usp ingest` appends to the store that `usp backtest|tune|promote` read; an empty store is a one-line
+    error that says what to run."""
+    import pandas as pd
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("USP_DUCKDB_PATH", raising=False)
+    assert main(["backtest"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no observations" in err and "usp ingest" in err and err.count("\n") == 1
+
+    ts = pd.date_range("2024-01-01", periods=5, freq="D", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    f = tmp_path / "obs.csv"
+    pd.DataFrame({"series_id": ["x"] * 5, "ts": ts, "value": ["1", "2", "abc", "4", "5"]}).to_csv(f, index=False)
+    assert main(["ingest", str(f)]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("4 observations appended, 0 already stored, 1 quarantined")
+    assert str(tmp_path / "home" / "usp.duckdb") in out.out
+    assert main(["ingest", str(f)]) == 0
+    assert capsys.readouterr().out.startswith("0 observations appended, 4 already stored, 1 quarantined")
+    assert main(["ingest"]) == 2

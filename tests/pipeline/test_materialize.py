@@ -1,6 +1,7 @@
 """dg.materialize of the daily pipeline and the inference job on an ephemeral instance (small data)."""
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from usp_pipeline.definitions import ASSETS, default_resources
@@ -17,18 +18,46 @@ def _metadata(result, asset):
     return {k: v.value for k, v in events[0].materialization.metadata.items()}
 
 
-def test_daily_pipeline_then_inference(pipeline_home):
-    resources = {**default_resources(), "workload": WorkloadResource(max_series=2, max_length=160, fast_trials=2,
+def _observations(n: int, start: int, seed: int):
+    import numpy as np
+    import pandas as pd
+
+    from usp_core.data import synthetic
+
+    series = {"plant_a": synthetic.ar_process(n, [0.6], seed=seed) + 20.0,
+              "plant_b": synthetic.brownian_motion(n, seed=seed + 1) + 50.0}
+    ts = pd.date_range("2025-01-01", periods=n, freq="h", tz="UTC")
+    frame = pd.concat([pd.DataFrame({"series_id": sid, "ts": ts, "value": np.asarray(v)}) for sid, v in series.items()])
+    return frame[frame["ts"] >= ts[start]].reset_index(drop=True)
+
+
+def test_closed_loop_on_the_users_series(pipeline_home):
+    """SPEC §7: two series that are not bundled are ingested, the daily pipeline backtests and tunes on them
+    (the campaign's study carries their data fingerprint) and promotes, then the sensor's inference job predicts
+    every row of a new file of those series with the champion's version; replaying the file adds nothing."""
+    from usp_core.inference import PredictionStore, ingest_frame
+    from usp_core.tuning.campaign import data_fingerprint
+
+    resources = {**default_resources(), "workload": WorkloadResource(max_length=160, fast_trials=2,
                                                                       incoming_dir=str(pipeline_home / "incoming"))}
+    store = PredictionStore(resources["duckdb"].database_path())
+    history = _observations(220, 0, seed=11)
+    newest = history.groupby("series_id").cumcount(ascending=False) < 20
+    assert ingest_frame(history[~newest], store, source="test").appended == 400
+
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize([*ASSETS, validated_observations_schema], selection=dg.AssetSelection.assets(*DAILY_ASSETS),
                             resources=resources, instance=instance)
     assert result.success
     checks = result.get_asset_check_evaluations()
     assert [c.passed for c in checks] == [True]
+    raw = _metadata(result, "raw_observations")
+    assert raw["series"] == 2 and raw["dagster/row_count"] == 320
     assert _metadata(result, "validated_observations")["dagster/row_count"] == 320
+    panel = store.load_observations(max_length=160)
     tuned = _metadata(result, "fast_tuning_campaign")
     assert tuned["trials_complete"] == 2 and "best_value" in tuned
+    assert tuned["study"].endswith(f"{data_fingerprint(panel)}-fast")
     decision = _metadata(result, "promotion_decision")
     assert decision["decision"] in {"promote", "keep champion"} and 0.0 <= decision["p_value"] <= 1.0
     champion = _metadata(result, "champion_config")
@@ -37,13 +66,27 @@ def test_daily_pipeline_then_inference(pipeline_home):
     assert (pipeline_home / "dagster_home" / "mlflow" / "mlflow.db").exists()
 
     from usp_pipeline.defs.inference.sensors import incoming_files_sensor
-    from usp_pipeline.demo import write_sample_file
 
-    write_sample_file(pipeline_home / "incoming", 2)
+    incoming = pipeline_home / "incoming"
+    incoming.mkdir()
+    new_rows = history[newest].assign(ts=lambda d: d["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    bad = pd.DataFrame({"series_id": ["plant_a", ""], "ts": ["2100-01-01T00:00:00Z"] * 2, "value": ["nan?", "1"]})
+    pd.concat([new_rows, bad]).to_csv(incoming / "batch.csv", index=False)
     tick = incoming_files_sensor(dg.build_sensor_context(resources={"workload": resources["workload"]}))
     assert len(tick.run_requests) == 1
     inference = dg.materialize(ASSETS, selection=["predictions"], resources=resources, instance=instance,
                                run_config=tick.run_requests[0].run_config)
     meta = _metadata(inference, "predictions")
-    assert meta["predictions_written"] > 0 and meta["quarantined_rows"] == 2
-    assert meta["config_version"] == champion["config_version"]
+    assert meta["quarantined_rows"] == 2 and meta["config_version"] == champion["config_version"]
+    preds = store.table("predictions")
+    preds = preds[preds["config_version"] == champion["config_version"]]
+    keys = set(zip(preds["series_id"], preds["ts"], strict=True))
+    wanted = set(zip(new_rows["series_id"], pd.to_datetime(new_rows["ts"]).dt.tz_localize(None), strict=True))
+    assert wanted <= keys  # every row of the file, none skipped
+    assert store.count("observations") == 440
+
+    counts = {t: store.count(t) for t in ("predictions", "observations", "quarantine")}
+    again = dg.materialize(ASSETS, selection=["predictions"], resources=resources, instance=instance,
+                           run_config=tick.run_requests[0].run_config)
+    assert _metadata(again, "predictions")["predictions_written"] == 0
+    assert {t: store.count(t) for t in counts} == counts

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 
 from usp_core.config import PredictorConfig
-from usp_core.inference.codec import decode_state, encode_state
+from usp_core.inference.codec import StateDecodeError, decode_state, encode_state
 from usp_core.inference.store import PredictionStore
 
 HORIZON = 1
+REBUILD_STEPS = 2000  # stored values a state rebuilt from history steps through (bounds a config switch's cost)
 FLAG_FIELDS = ("regime_change", "degraded", "emergency", "rejected", "outlier", "stale", "gap", "frozen",
                "mode_collapse_warning")
 
@@ -40,6 +41,8 @@ class InferenceResult:
     states_written: int
     series: int
     new_series: int
+    caught_up: int = 0
+    cold_starts: dict[str, str] = field(default_factory=dict)
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     sample: pd.DataFrame | None = None
 
@@ -125,11 +128,6 @@ def _output_rows(out, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.asarray(getattr(out, name))[idx] for name in out._fields}
 
 
-def _validate(validate, raw: pd.DataFrame, last_ts: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Row-level validation (history length is checked here, against stored history too)."""
-    return validate(raw.loc[:, ["series_id", "ts", "value"]].reset_index(drop=True), 0, last_ts=last_ts)
-
-
 def _split_replayed(quarantine: pd.DataFrame, history: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Drop rows that repeat a stored observation exactly (same series, ts and value): a replayed or extended
     file is not bad data. A stored (series_id, ts) with a different value stays quarantined."""
@@ -145,6 +143,18 @@ def _split_replayed(quarantine: pd.DataFrame, history: pd.DataFrame) -> tuple[pd
     return quarantine[~replayed].reset_index(drop=True), int(replayed.sum())
 
 
+def validate_against_history(raw: pd.DataFrame, history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Row-level validation of a file against the stored observations of its series: (good rows with naive-UTC
+    ts, quarantine, rows skipped as exact repeats of stored observations). History length is not checked here."""
+    from usp_core.data.schema import validate_observations
+
+    last_stored = history.groupby("series_id")["ts"].max().to_dict() if len(history) else {}
+    good, quarantine = validate_observations(raw.loc[:, ["series_id", "ts", "value"]].reset_index(drop=True), 0,
+                                             last_ts=last_stored)
+    quarantine, skipped = _split_replayed(quarantine, history)
+    return good.assign(ts=_naive_utc(good["ts"])), quarantine, skipped
+
+
 def run_inference(
     path: str | Path,
     cfg: PredictorConfig,
@@ -152,15 +162,21 @@ def run_inference(
     *,
     run_id: str = "",
     now_ns: int | None = None,
+    rebuild_steps: int = REBUILD_STEPS,
     log: Callable[[str], None] | None = None,
 ) -> InferenceResult:
-    """Validate ``path``, predict every good row and write predictions and states in one transaction.
+    """Validate ``path``, predict every good row and write observations, predictions and states in one
+    transaction.
+
+    A series' stored state for ``cfg`` is first caught up with every stored observation it has not consumed
+    (rows ingested, or predicted under another config, since it was saved). A series without a usable state
+    (new config, rollback without a state, a state that fails to decode) is rebuilt from its stored history:
+    initialised on ``min_history`` values and stepped through at most ``rebuild_steps`` stored values before the
+    file's rows. Predictions are written for every stepped row, so switching configs A -> B -> A skips nothing.
 
     ``now_ns`` is the wall clock for staleness checks; ``None`` treats each row as observed at its own
-    timestamp (replay of historical files). Rows already stored are quarantined as duplicates by the validator,
-    so a replayed file adds no predictions.
+    timestamp (replay of historical files). Rows already stored are skipped, so a replayed file adds nothing.
     """
-    from usp_core.data.schema import validate_observations
     from usp_core.engine import step as step_mod
     from usp_core.engine.predictor import Predictor
 
@@ -173,9 +189,7 @@ def run_inference(
 
     file_ids = sorted(set(raw["series_id"].dropna().astype(str).str.strip()) - {""})
     history = store.load_history(file_ids)
-    last_stored = history.groupby("series_id")["ts"].max().to_dict() if len(history) else {}
-    good, quarantine = _validate(validate_observations, raw, last_stored)
-    quarantine, skipped = _split_replayed(quarantine, history)
+    good, quarantine, skipped = validate_against_history(raw, history)
     states = store.load_states(cfg.version, sorted(set(good["series_id"])))
     log(f"{path.name}: {len(raw)} rows, {len(good)} valid, {len(quarantine)} quarantined; "
         f"{len(states)} series with a stored state for config {cfg.version}")
@@ -184,8 +198,8 @@ def run_inference(
         lambda h: step_mod.init_state(h, jnp.asarray(0, jnp.int64), predictor.key, predictor.static, predictor.params)[0],
         jax.ShapeDtypeStruct((m,), predictor.dtype),
     )
-    good = good.assign(ts=_naive_utc(good["ts"]))
     created_at = pd.Timestamp(_utcnow())
+    stored_by_series = dict(tuple(history.groupby("series_id", sort=False))) if len(history) else {}
 
     plans: list[tuple[str, np.ndarray, np.ndarray]] = []  # series, values to step, their ts (ns)
     start_states: dict[str, object] = {}
@@ -193,24 +207,38 @@ def run_inference(
     init_hist: list[np.ndarray] = []
     init_ts: list[int] = []
     too_short: list[str] = []
+    cold_starts: dict[str, str] = {}
+    caught_up = 0
     for sid, rows in good.groupby("series_id", sort=True):
+        past = stored_by_series.get(sid, history.iloc[:0])
+        past_values, past_stamps = past["value"].to_numpy(np.float64), _ns(past["ts"])
         values, stamps = rows["value"].to_numpy(np.float64), _ns(rows["ts"])
         if sid in states:
             st = states[sid]
-            start_states[sid] = decode_state(st.state, st.state_sha256, template)
-            plans.append((sid, values, stamps))
-            continue
-        past = history[history["series_id"] == sid]
-        all_values = np.concatenate([past["value"].to_numpy(np.float64), values])
-        all_stamps = np.concatenate([_ns(past["ts"]), stamps])
+            try:
+                start_states[sid] = decode_state(st.state, st.state_sha256, template)
+            except StateDecodeError as exc:
+                cold_starts[sid] = str(exc)
+                log(f"{sid}: stored state for config {cfg.version} is unusable ({exc}); rebuilding it from history")
+            else:
+                # the consumed position is the stored last_ts (a state's own timestamp stays behind a rejected row)
+                unseen = past_stamps > _ns(pd.Series([st.last_ts]))[0]
+                caught_up += int(unseen.sum())
+                plans.append((sid, np.concatenate([past_values[unseen], values]),
+                              np.concatenate([past_stamps[unseen], stamps])))
+                continue
+        all_values = np.concatenate([past_values, values])
+        all_stamps = np.concatenate([past_stamps, stamps])
         if len(all_values) < m:
             too_short.append(sid)
             continue
-        init_end = max(m, len(past))
+        start = max(0, len(past_values) - rebuild_steps - m)
         init_ids.append(sid)
-        init_hist.append(all_values[init_end - m:init_end])
-        init_ts.append(int(all_stamps[init_end - 1]))
-        plans.append((sid, all_values[init_end:], all_stamps[init_end:]))
+        init_hist.append(all_values[start:start + m])
+        init_ts.append(int(all_stamps[start + m - 1]))
+        plans.append((sid, all_values[start + m:], all_stamps[start + m:]))
+    if caught_up:
+        log(f"catching up {caught_up} stored observations that the states of config {cfg.version} had not seen")
 
     if too_short:
         # every clean input row of a series that cannot be initialised yet; its observations are still
@@ -248,7 +276,8 @@ def run_inference(
         emit(init_ids, np.asarray(init_ts), _output_rows(init_out, np.arange(len(init_ids))))
         for i, sid in enumerate(init_ids):
             start_states[sid] = _state_at(init_states, i)
-        log(f"initialised {len(init_ids)} new series from their own history ({m} values each)")
+        log(f"initialised {len(init_ids)} series from their stored history ({m} values each, then up to "
+            f"{rebuild_steps} stored values stepped)")
 
     steppable = [(sid, v, t) for sid, v, t in plans if len(v)]
     for sid, _, _ in plans:
@@ -274,12 +303,14 @@ def run_inference(
         for i, sid in enumerate(ids):
             final_states[sid] = _state_at(batch, i)
 
+    consumed_ns = dict(zip(init_ids, init_ts, strict=True))
+    consumed_ns.update({sid: int(t[-1]) for sid, _, t in plans if len(t)})
     state_rows = []
     for sid, st in final_states.items():
         payload, digest = encode_state(st)
         state_rows.append({
             "series_id": sid, "config_version": cfg.version, "state": payload, "state_sha256": digest,
-            "last_ts": pd.Timestamp(int(np.asarray(st.last_timestamp_ns)), unit="ns"),
+            "last_ts": pd.Timestamp(consumed_ns[sid], unit="ns"),
             "n_steps": int(np.asarray(st.kernel.steps)), "dagster_run_id": run_id, "updated_at": created_at,
         })
     predictions = pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame()
@@ -300,6 +331,6 @@ def run_inference(
         source=str(path), sha256=sha, config_version=cfg.version, rows=len(raw), good_rows=len(good),
         quarantined=len(quarantine), skipped=skipped,
         predictions_written=counts.predictions, states_written=counts.states, series=len(final_states),
-        new_series=len(init_ids), quarantine_reasons={str(k): int(v) for k, v in reasons.items()},
+        new_series=len(init_ids), caught_up=caught_up, cold_starts=cold_starts, quarantine_reasons={str(k): int(v) for k, v in reasons.items()},
         sample=predictions.drop(columns=["flags", "weights"]).head(10) if len(predictions) else None,
     )

@@ -1,22 +1,25 @@
-"""DuckDB store of observations, predictions, predictor states and quarantined rows (SPEC §7, §10).
+"""DuckDB store of observations, predictions, predictor states and quarantined rows (SPEC §4.4, §7, §10).
 
-Predictions and the predictor states that produced them are written in ONE transaction, so a crash leaves
-either both or neither. Every insert is ``ON CONFLICT DO NOTHING`` on a natural key: replaying a file adds
-nothing.
+The ``observations`` table is the system of record: ``usp ingest`` and every inference run append their
+validated rows, and backtests, tuning and promotion read it. Predictions and the predictor states that produced
+them are written in ONE transaction with their observations, so a crash leaves either all or nothing. Every
+insert is ``ON CONFLICT DO NOTHING`` on a natural key: replaying a file adds nothing.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import duckdb
 import pandas as pd
 
-DEFAULT_DUCKDB_PATH = "dagster_home/usp.duckdb"
+from usp_core.paths import duckdb_path
+
+LOCK_TIMEOUT_S = 60.0
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS observations (
@@ -94,9 +97,8 @@ QUARANTINE_COLUMNS = (
 )
 
 
-def resolve_duckdb_path(path: str | os.PathLike[str] | None = None) -> Path:
-    """``path``, else ``$USP_DUCKDB_PATH``, else the embedded default under ``dagster_home/``."""
-    return Path(path or os.environ.get("USP_DUCKDB_PATH") or DEFAULT_DUCKDB_PATH)
+class StoreBusyError(RuntimeError):
+    """Another process held the DuckDB file for longer than the lock timeout."""
 
 
 @dataclass(frozen=True)
@@ -117,19 +119,40 @@ class WriteCounts:
 
 
 class PredictionStore:
-    """One DuckDB database file; each method opens a short-lived connection (DuckDB allows one writer)."""
+    """One DuckDB database file; each method opens a short-lived connection. DuckDB lets one process hold the
+    file, so a second one waits for it (up to ``lock_timeout_s``, default ``$USP_DUCKDB_LOCK_TIMEOUT`` or 60 s)
+    and then fails with :class:`StoreBusyError`, never with a raw lock exception."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None):
-        self.path = resolve_duckdb_path(path)
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, lock_timeout_s: float | None = None):
+        self.path = duckdb_path(path)
+        self.lock_timeout_s = float(lock_timeout_s if lock_timeout_s is not None
+                                    else os.environ.get("USP_DUCKDB_LOCK_TIMEOUT", LOCK_TIMEOUT_S))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:
             for statement in SCHEMA_SQL.split(";"):
                 if statement.strip():
                     con.execute(statement).fetchall()
 
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StoreBusyError(
+                        f"DuckDB file {self.path} is held by another process (waited {self.lock_timeout_s:.0f} s); "
+                        "let the other writer finish (a running `usp predict`, `usp ingest` or pipeline run) or "
+                        "raise $USP_DUCKDB_LOCK_TIMEOUT") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = duckdb.connect(str(self.path), read_only=read_only)
+        con = self._open(read_only)
         try:
             yield con
         finally:
@@ -146,14 +169,49 @@ class PredictionStore:
             ).fetchall()
         return {r[0]: StoredState(r[0], bytes(r[1]), r[2], pd.Timestamp(r[3]), int(r[4])) for r in rows}
 
-    def load_history(self, series_ids: list[str]) -> pd.DataFrame:
-        """Stored observations of ``series_ids`` ordered by (series_id, ts)."""
+    def load_history(self, series_ids: Sequence[str]) -> pd.DataFrame:
+        """Stored observations of ``series_ids`` ordered by (series_id, ts); ts naive UTC."""
         with self.connect() as con:
             return con.execute(
                 "SELECT series_id, ts, value FROM observations WHERE list_contains(?, series_id) "
                 "ORDER BY series_id, ts",
                 [list(series_ids)],
             ).df()
+
+    def load_observations(self, series_ids: Sequence[str] | None = None, *, max_length: int = 0) -> pd.DataFrame:
+        """The observation panel (series_id, ts UTC, value) ordered by (series_id, ts): every stored series or
+        ``series_ids``, the newest ``max_length`` points of each when > 0."""
+        where = "WHERE list_contains(?, series_id)" if series_ids is not None else ""
+        params: list = [list(series_ids)] if series_ids is not None else []
+        cap = ""
+        if max_length > 0:
+            cap = "QUALIFY row_number() OVER (PARTITION BY series_id ORDER BY ts DESC) <= ?"
+            params.append(int(max_length))
+        with self.connect() as con:
+            df = con.execute(f"SELECT series_id, ts, value FROM observations {where} {cap} ORDER BY series_id, ts",
+                             params).df()
+        df["ts"] = pd.to_datetime(df["ts"]).dt.tz_localize("UTC").dt.as_unit("ns")
+        return df
+
+    def series_summary(self) -> pd.DataFrame:
+        """One row per stored series: rows, first and last ts."""
+        with self.connect() as con:
+            return con.execute(
+                "SELECT series_id, count(*) AS rows, min(ts) AS first_ts, max(ts) AS last_ts FROM observations "
+                "GROUP BY series_id ORDER BY series_id").df()
+
+    def commit_observations(self, observations: pd.DataFrame, quarantine: pd.DataFrame) -> WriteCounts:
+        """Append validated observations and quarantine rows in one transaction (``usp ingest``)."""
+        with self.connect() as con:
+            con.begin()
+            try:
+                n_obs = _insert(con, "observations", observations, ("series_id", "ts", "value", "source_sha256"))
+                n_quar = _insert(con, "quarantine", quarantine, QUARANTINE_COLUMNS)
+                con.commit()
+            except BaseException:
+                con.rollback()
+                raise
+        return WriteCounts(0, 0, n_obs, n_quar)
 
     def write_quarantine(self, quarantine: pd.DataFrame) -> int:
         """Insert quarantined rows (columns of QUARANTINE_COLUMNS); returns the rows actually added."""

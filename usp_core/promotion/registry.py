@@ -15,22 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from usp_core.config.mutation import parse_config_text, project_root
+from usp_core.config.mutation import parse_config_text
+from usp_core.tuning.tracking import default_tracking_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 CONFIG_ARTIFACT = "config/config.toml"
 EXPERIMENT = "usp-promotion"
-
-
-def default_tracking_uri(root: str | os.PathLike[str] = ".") -> str:
-    """``sqlite:///<root>/dagster_home/mlflow/mlflow.db`` (``MLFLOW_TRACKING_URI`` wins when set)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    d = Path(root).resolve() / "dagster_home" / "mlflow"
-    d.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{d / 'mlflow.db'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +54,7 @@ class ConfigRegistry:
     def for_config(cls, config_path: str | os.PathLike[str], tracking_uri: str | None = None, **kw: Any) -> ConfigRegistry:
         """A registry named by ``promotion.registered_model_name`` of the config at ``config_path``."""
         cfg = parse_config_text(Path(config_path).read_text(encoding="utf-8"), source=str(config_path))
-        uri = tracking_uri or default_tracking_uri(project_root(config_path))
+        uri = tracking_uri or default_tracking_uri()
         return cls(uri, name=cfg["promotion.registered_model_name"], **kw)
 
     @property
@@ -180,7 +171,7 @@ def reconcile(config_path: str | os.PathLike[str], client: Any = None, *, name: 
         cfg = parse_config_text(Path(config_path).read_text(encoding="utf-8"), source=str(config_path))
         name = cfg["promotion.registered_model_name"]
     if client is None:
-        registry = ConfigRegistry(tracking_uri or default_tracking_uri(project_root(config_path)), name=name)
+        registry = ConfigRegistry(tracking_uri or default_tracking_uri(), name=name)
     else:
         registry = ConfigRegistry(tracking_uri, name=name, client=client)
     return registry.reconcile(config_path)

@@ -6,12 +6,11 @@ Every store defaults to an embedded file under ``$DAGSTER_HOME`` and switches to
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 
-from usp_core.paths import dagster_home
+from usp_core.paths import config_path, duckdb_path
 
 
 class ConfigStoreResource(dg.ConfigurableResource):
@@ -21,7 +20,7 @@ class ConfigStoreResource(dg.ConfigurableResource):
     audit_log: str = ""
 
     def path(self) -> Path:
-        return Path(self.config_path or os.environ.get("USP_CONFIG_PATH") or "config/config.toml")
+        return config_path(self.config_path or None)
 
     def load(self):
         from usp_core.config import load_config
@@ -29,9 +28,9 @@ class ConfigStoreResource(dg.ConfigurableResource):
         return load_config(self.path())
 
     def audit_path(self) -> Path:
-        if self.audit_log:
-            return Path(self.audit_log)
-        return Path(self.load()["audit.audit_log"])
+        from usp_core.config.mutation import resolve_audit_log
+
+        return resolve_audit_log(self.path(), self.load(), self.audit_log or None)
 
 
 class MLflowTrackerResource(dg.ConfigurableResource):
@@ -64,7 +63,7 @@ class DuckDBResource(dg.ConfigurableResource):
     path: str = ""
 
     def database_path(self) -> Path:
-        return Path(self.path or os.environ.get("USP_DUCKDB_PATH") or dagster_home() / "usp.duckdb")
+        return duckdb_path(self.path or None)
 
     def store(self):
         from usp_core.inference import PredictionStore
@@ -73,8 +72,11 @@ class DuckDBResource(dg.ConfigurableResource):
 
 
 class WorkloadResource(dg.ConfigurableResource):
-    """Sizes of a pipeline run; 0 means "all" / "the config's value". The demo sets small ones."""
+    """What a pipeline run works on and its sizes; 0 or empty means "all" / "the config's value". The demo sets
+    small ones. ``series``: the series of the observation store to use (empty: every stored series, the first
+    ``max_series`` by id when > 0); ``max_length``: the newest points per series."""
 
+    series: list[str] = []
     max_series: int = 0
     max_length: int = 0
     fast_trials: int = 0

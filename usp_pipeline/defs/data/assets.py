@@ -1,4 +1,4 @@
-"""Observations: the bundled panel and its validated / quarantined split (SPEC §4.4, §7)."""
+"""Observations: the store's panel and its validated / quarantined split (SPEC §4.4, §7)."""
 
 import dagster as dg
 import pandas as pd
@@ -10,22 +10,37 @@ from usp_pipeline.defs.common.resources import ConfigStoreResource, DuckDBResour
 GROUP = "data"
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "pandas"})
-def raw_observations(context: dg.AssetExecutionContext, workload: WorkloadResource) -> dg.Output[pd.DataFrame]:
-    """Bundled real series (statsmodels/arch datasets) as a long table series_id, ts, value."""
-    from usp_core.data.real import DEV_SERIES, load_dev_panel
-
-    series = DEV_SERIES[: workload.max_series] if workload.max_series > 0 else None
-    panel, provenance = load_dev_panel(series, max_length=workload.max_length or None)
-    context.log.info(f"loaded {len(panel)} rows of {panel['series_id'].nunique()} series")
-    counts = panel.groupby("series_id", sort=False).size().rename("rows").reset_index()
+@dg.asset(group_name=GROUP, kinds={"duckdb", "pandas"})
+def raw_observations(
+    context: dg.AssetExecutionContext, workload: WorkloadResource, duckdb: DuckDBResource
+) -> dg.Output[pd.DataFrame]:
+    """Observations from the store (system of record: `usp ingest` and every inference run append to it)."""
+    store = duckdb.store()
+    summary = store.series_summary()
+    if summary.empty:
+        raise dg.Failure(
+            description=f"The observation store {store.path} holds no observations.",
+            metadata={"fix": "run `usp ingest FILE|DIR` (or `usp ingest --bundled`), or drop a file into the "
+                             "incoming folder and let the sensor's inference job store it"},
+        )
+    ids = list(workload.series) or summary["series_id"].tolist()
+    missing = sorted(set(ids) - set(summary["series_id"]))
+    if missing:
+        raise dg.Failure(description=f"Series not in the observation store: {', '.join(missing)}")
+    if workload.max_series > 0:
+        ids = ids[: workload.max_series]
+    panel = store.load_observations(ids, max_length=workload.max_length)
+    context.log.info(f"loaded {len(panel)} rows of {len(ids)} series from {store.path}")
+    used = summary[summary["series_id"].isin(ids)]
     return dg.Output(
         panel,
         metadata={
             "dagster/row_count": len(panel),
-            "series": int(panel["series_id"].nunique()),
-            "rows_per_series": md_table(counts, max_rows=50),
-            "provenance": md_table(provenance, max_rows=50),
+            "series": len(ids),
+            "store": dg.MetadataValue.path(str(store.path)),
+            "stored_series": len(summary),
+            "max_length": workload.max_length or "all",
+            "series_in_store": md_table(used.astype({"first_ts": str, "last_ts": str}), max_rows=50),
         },
     )
 

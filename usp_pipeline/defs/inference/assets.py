@@ -24,11 +24,14 @@ def predictions(
     duckdb: DuckDBResource,
 ) -> dg.MaterializeResult:
     """One-step-ahead forecasts per (series_id, ts, horizon, config_version), written with predictor states."""
+    # the file's rows go into the observation store in the same transaction (SPEC §4.4)
     from usp_core.inference import run_inference
 
     cfg = config_store.load()
     store = duckdb.store()
     result = run_inference(config.path, cfg, store, run_id=context.run.run_id, log=context.log.info)
+    if result.cold_starts:
+        context.log.warning(f"rebuilt from history (stored state unusable): {result.cold_starts}")
     if result.sha256 and config.sha256 and result.sha256 != config.sha256:
         context.log.warning(f"{config.path} changed since the sensor saw it ({config.sha256[:12]} -> {result.sha256[:12]})")
     reasons = result.quarantine_reasons
@@ -43,6 +46,8 @@ def predictions(
             "predictions_written": result.predictions_written,
             "states_written": result.states_written,
             "new_series": result.new_series,
+            "caught_up_observations": result.caught_up,
+            "cold_starts": dg.MetadataValue.json(result.cold_starts),
             "series": result.series,
             "predictions_total": store.count("predictions"),
             "quarantine_reasons": dg.MetadataValue.json(reasons),
