@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,12 +75,15 @@ class CampaignResult:
     mlflow_run_url: str | None
 
 
-def _worker(cfg_values: dict[str, Any], panel: Any, tier: str, n_trials: int, storage: str, campaign: str) -> int:
-    """A spawned extra worker: same study, same budget, no MLflow parent bookkeeping of its own."""
+def _worker(cfg_values: dict[str, Any], panel: Any, tier: str, n_trials: int, storage: str, campaign: str,
+            tracking_uri: str | None = None, parent_run_id: str | None = None, evaluator: Any = None) -> int:
+    """A spawned extra worker: same study, same budget, same evaluator. With ``parent_run_id`` its trials are
+    logged as child runs of the campaign's parent run (it never starts, re-opens or finishes a parent)."""
     cfg = PredictorConfig(cfg_values)
     meta = MetaOptimizationConfig.from_config(cfg, {"enable_deep_tuning": tier == "deep"})
-    opt = BayesianMetaOptimizer(BacktestEvaluator(panel, pad_to=meta.batch_size), meta, cfg, storage=storage,
-                                campaign=campaign, parallel=True)
+    tracker = CampaignTracker.attach(tracking_uri, parent_run_id) if parent_run_id and tracking_uri else None
+    opt = BayesianMetaOptimizer(evaluator or BacktestEvaluator(panel, pad_to=meta.batch_size), meta, cfg,
+                                storage=storage, campaign=campaign, tracker=tracker, parallel=True)
     opt.optimize(n_trials)
     return opt.n_finished()
 
@@ -101,7 +106,9 @@ def run_campaign(
 ) -> CampaignResult:
     """Run (or resume) a tuning campaign until the study holds ``n_trials`` finished trials in total.
 
-    ``workers > 1`` spawns extra processes on the same storage (needs a Journal/SQLite/PostgreSQL URL).
+    ``workers > 1`` spawns extra processes on the same storage (needs a Journal/SQLite/PostgreSQL URL); they
+    score trials with the same ``evaluator`` (which must then be picklable) and log their trials as child runs
+    of this campaign's one MLflow parent run.
     ``tracking`` True logs to the default MLflow store; a CampaignTracker logs there; False disables it.
     """
     if tier not in ("fast", "deep"):
@@ -112,15 +119,25 @@ def run_campaign(
     campaign = campaign or f"{tier}-tuning"
     if workers > 1 and storage_url.startswith("memory"):
         raise ValueError("several workers need a shared storage (journal://, sqlite:///, postgresql://)")
+    if workers > 1 and evaluator is not None:
+        try:  # the extra workers must score trials with the same evaluator as this process
+            pickle.dumps(evaluator)
+        except Exception as exc:
+            raise ValueError(f"several workers need a picklable evaluator ({type(exc).__name__}: {exc})") from exc
     tracker = tracking if isinstance(tracking, CampaignTracker) else (CampaignTracker() if tracking else None)
+    worker_evaluator = evaluator
     evaluator = evaluator or BacktestEvaluator(panel, pad_to=meta.batch_size)
     with AsyncMetaOptimizer(evaluator, meta, cfg, storage=storage_url, campaign=campaign, tracker=tracker,
                             parallel=workers > 1, tags={"data_fingerprint": data_fingerprint(panel), **(tags or {})}) as opt:
         extra = []
         if workers > 1:
+            # the parent run exists before the workers start: they log their trials as its children
+            parent_run_id = opt.start_tracking()
+            tracking_uri = tracker.tracking_uri if tracker is not None else None
             ctx = mp.get_context("spawn")
-            extra = [ctx.Process(target=_worker, args=(dict(cfg), panel, tier, budget, storage_url, campaign),
-                                 daemon=False) for _ in range(workers - 1)]
+            args = (dict(cfg), panel if worker_evaluator is None else None, tier, budget, storage_url, campaign,
+                    tracking_uri, parent_run_id, worker_evaluator)
+            extra = [ctx.Process(target=_worker, args=args, daemon=False) for _ in range(workers - 1)]
             for p in extra:
                 p.start()
         bar = None
@@ -133,6 +150,8 @@ def run_campaign(
         finally:
             for p in extra:
                 p.join()
+                if p.exitcode != 0:
+                    warnings.warn(f"tuning worker process {p.pid} exited with code {p.exitcode}", stacklevel=2)
             if bar is not None:
                 bar.update(opt.n_finished() - bar.n)
                 bar.close()

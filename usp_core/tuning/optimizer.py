@@ -392,8 +392,9 @@ class BayesianMetaOptimizer:
                             break
         try:
             frozen = self.study.tell(trial, value, state=state)
-        except optuna.exceptions.UpdateFinishedTrialError:  # a worker judged us dead and finished it first
-            frozen = self.study._storage.get_trial(trial._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # a worker judged us dead and finished it first:
+            # its result stands and that worker logs the trial's MLflow child run (one per trial number)
+            return next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
         if self.tracker is not None:
             self.tracker.log_trial(frozen.number, params=dict(trial.user_attrs.get("config_params", params)),
                                    state=frozen.state.name, value=frozen.value, fold_values=folds,
@@ -408,8 +409,7 @@ class BayesianMetaOptimizer:
         TOTAL, counting those already in the storage. Returns the study."""
         budget = int(n_trials if n_trials is not None else self.meta_config.n_trials)
         t_start = time.perf_counter()
-        if self.tracker is not None and self.tracker.parent_run_id is None:
-            self.tracker.start_campaign(self.study_name, self._campaign_tags())
+        self.start_tracking()
         try:
             while True:
                 self.requeue_stale_trials()
@@ -440,6 +440,15 @@ class BayesianMetaOptimizer:
         finally:
             self.wall_time_s += time.perf_counter() - t_start
         return self.study
+
+    def start_tracking(self) -> str | None:
+        """The campaign's MLflow parent run id (started, or re-opened on resume, if not yet); None without a
+        tracker. Extra worker processes attach to this run (``CampaignTracker.attach``)."""
+        if self.tracker is None:
+            return None
+        if self.tracker.parent_run_id is None:
+            self.tracker.start_campaign(self.study_name, self._campaign_tags())
+        return self.tracker.parent_run_id
 
     def _campaign_tags(self) -> dict[str, Any]:
         tags = {"campaign": self.campaign, "tier": self.tier, "study": self.study_name,
@@ -495,8 +504,13 @@ class BayesianMetaOptimizer:
         report = build_report(self.study, tier=self.tier, wall_time_s=self.wall_time_s, out_dir=out_dir,
                               seed=self.meta_config.seed)
         if self.tracker is not None:
-            if self.tracker.parent_run_id is None:
-                self.tracker.start_campaign(self.study_name, self._campaign_tags())
+            self.start_tracking()
+            # a last progress point over the whole study: other workers may have finished trials after this
+            # process last logged, or logged a best computed before a lower-numbered trial of theirs finished
+            finished = [t for t in self.study.get_trials(deepcopy=False) if t.state in FINISHED]
+            if finished:
+                self.tracker.log_progress(best_value=report.best_value, n_finished=len(finished),
+                                          step=max(t.number for t in finished))
             files = [Path(out_dir) / "report.txt", Path(out_dir) / "report.json", *map(Path, report.plots.values())]
             summary = {"n_trials": report.n_trials, "n_complete": report.n_complete, "n_pruned": report.n_pruned,
                        "n_failed": report.n_failed, "wall_time_s": report.wall_time_s}

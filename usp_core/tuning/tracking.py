@@ -75,6 +75,20 @@ class CampaignTracker:
             self.experiment_id = found.experiment_id
         self.parent_run_id: str | None = None
 
+    @classmethod
+    def attach(cls, tracking_uri: str, parent_run_id: str) -> CampaignTracker:
+        """A tracker on the existing parent run ``parent_run_id`` (an extra worker process of a campaign): its
+        trials become children of that run, in that run's experiment; it never starts a parent of its own."""
+        from mlflow.tracking import MlflowClient
+
+        self = cls.__new__(cls)
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        self.experiment_name = self.client.get_experiment(self.experiment_id).name
+        self.parent_run_id = parent_run_id
+        return self
+
     def start_campaign(self, name: str, tags: Mapping[str, Any]) -> str:
         """The parent run of campaign ``name``; an open one of the same study (tag ``usp.study_uid``, else
         ``usp.study``) is reused, so a resumed or multi-worker campaign keeps one parent run while a new
