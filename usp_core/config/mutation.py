@@ -317,8 +317,20 @@ def atomic_write_config(
                                   current.version, None, rec, current, stale_pid)
 
         if expected_version is not None and current.version != expected_version:
-            return reject(stale_reason(expected_version, current.version), _requested_delta(current, changes),
-                          {"expected_version": expected_version, "found_version": current.version})
+            earlier = find_applied_write(path, current, expected_version, changes)
+            if earlier is None:
+                return reject(stale_reason(expected_version, current.version), _requested_delta(current, changes),
+                              {"expected_version": expected_version, "found_version": current.version})
+            backup, delta = earlier
+            rec = None
+            if not _audited_as_applied(audit_path, current.version):
+                rec = append_audit_record(
+                    audit_path, event="MUTATION_APPLIED", trigger=trigger, delta=delta, objective=objective,
+                    config_version_before=expected_version, config_version_after=current.version,
+                    backup_path=str(backup), mlflow_run_id=mlflow_run_id,
+                    reason=(reason or "applied") + "; recovered: written before a crash, audited now" + note, now=now)
+            return MutationResult(True, "MUTATION_APPLIED", "already applied (recovered after a crash)", trigger, delta,
+                                  expected_version, current.version, str(backup), rec, current, stale_pid)
         try:
             merged, delta = validate_changes(current, changes, check_relative_change=enforce_guards)
         except GuardViolation as exc:
@@ -357,6 +369,29 @@ def _requested_delta(current: PredictorConfig, changes: Mapping[str, Any]) -> di
         except ConfigError:
             out[str(name)] = (None, value)
     return out
+
+
+def find_applied_write(path: str | os.PathLike[str], current: PredictorConfig, expected_version: str,
+                       changes: Mapping[str, Any]) -> tuple[Path, dict[str, tuple[Any, Any]]] | None:
+    """(backup, delta) when ``current`` is exactly ``changes`` written over ``expected_version``: the same write
+    already happened (a writer killed between its rename and its audit record, or before the registry moved),
+    so a rerun completes it instead of calling it stale. None otherwise."""
+    for candidate in reversed(list_backups(path)):
+        if f".{expected_version}." not in candidate.name:
+            continue
+        try:
+            before = parse_config_text(candidate.read_text(encoding="utf-8"), source=str(candidate))
+            merged, delta = validate_changes(before, changes, check_relative_change=False)
+        except (ConfigError, GuardViolation, OSError, UnicodeDecodeError):
+            continue
+        if before.version == expected_version and merged.version == current.version:
+            return candidate, delta
+    return None
+
+
+def _audited_as_applied(audit_path: Path, version: str) -> bool:
+    return any(rec.get("event") == "MUTATION_APPLIED" and rec.get("config_version_after") == version
+               for rec in read_audit_records(audit_path))
 
 
 def list_backups(config_path: str | os.PathLike[str]) -> list[Path]:

@@ -15,6 +15,7 @@ from usp_core.config.mutation import (
     STALE_PREFIX,
     MutationResult,
     atomic_write_config,
+    find_applied_write,
     parse_config_text,
     render_changes,
     resolve_audit_log,
@@ -106,7 +107,8 @@ def promote(
     champion = parse_config_text(text, source=str(path))
     changes = challenger_changes(champion, challenger) if isinstance(challenger, PredictorConfig) else dict(challenger)
     expected = decision.champion_version
-    if expected is not None and champion.version != expected:
+    if expected is not None and champion.version != expected and (
+            not decision.promote or find_applied_write(path, champion, expected, changes) is None):
         # Nothing is written on this path, so it needs no lock; no registry run either: its candidate would be
         # rendered from a champion the gate never saw.
         why = stale_reason(expected, champion.version)
