@@ -71,3 +71,19 @@ def pipeline_home(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     (tmp_path / "dagster_home").mkdir()
     return tmp_path
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A project folder holding the default config at ``config/config.toml``."""
+    (tmp_path / "config").mkdir()
+    path = tmp_path / "config" / "config.toml"
+    from usp_core.config.render import render_toml
+
+    path.write_text(render_toml(), encoding="utf-8")
+    return path
+
+
+def audit_log_of(config_path: Path) -> Path:
+    """Where the default config's relative ``audit.audit_log`` resolves for a config under ``config/``."""
+    return config_path.parent.parent / "audit" / "mutations.jsonl"

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -163,12 +164,19 @@ def _previous_backup(config: str) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from usp_core.config.audit import verify_audit_log
+    from usp_core.config.audit import anchor_path, reanchor_audit_log, verify_audit_log
     from usp_core.config.mutation import resolve_audit_log
 
     log = args.log or resolve_audit_log(args.config, _load(args))
     if not Path(log).exists():
+        if anchor_path(log).exists():
+            print(f"{log}: TAMPERED, truncated: the log is gone but its anchor {anchor_path(log)} remains")
+            return 1
         raise FileNotFoundError(f"audit log {log} does not exist")
+    if args.audit_command == "reanchor":
+        reanchor_audit_log(log)
+        print(f"{log}: anchored as it stands; verify now trusts every line up to here")
+        return 0
     ok, problems = verify_audit_log(log)
     for problem in problems:
         print(problem)
@@ -203,7 +211,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise FileNotFoundError(f"observation file {args.file} does not exist")
     store = PredictionStore(args.db)
-    result = run_inference(args.file, _load(args), store, run_id="cli", log=lambda m: print(m, file=sys.stderr))
+    result = run_inference(args.file, _load(args), store, run_id="cli", now_ns=None if args.replay else time.time_ns(),
+                           log=lambda m: print(m, file=sys.stderr))
     print(f"{result.predictions_written} predictions and {result.states_written} states written to {store.path}; "
           f"{result.quarantined} rows quarantined {result.quarantine_reasons or ''}".rstrip())
     return 0
@@ -279,8 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     asub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     verify = asub.add_parser("verify", help="verify the hash chain of the audit log",
                              description="Verify the hash chain of the mutation audit log.")
-    verify.add_argument("--log", default=None, help="audit log path (default: audit.audit_log of the config)")
-    config_option(verify)
+    reanchor = asub.add_parser("reanchor", help="accept the log as it stands (after reviewing it)",
+                               description="Anchor the audit log as it stands: for a reviewed log written before "
+                                           "anchors existed, or after a deliberate repair.")
+    for leaf in (verify, reanchor):
+        leaf.add_argument("--log", default=None, help="audit log path (default: audit.audit_log of the config)")
+        config_option(leaf)
 
     p = add("ingest", cmd_ingest, "Append observation files (CSV/Parquet; a directory: all of them) to the "
             "observation store; bad rows are quarantined with a reason, replays add nothing.", config=False)
@@ -291,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", cmd_predict, "Predict from an observation file into DuckDB (same path as the sensor).")
     p.add_argument("file", help="CSV or Parquet with columns series_id, ts, value")
+    p.add_argument("--replay", action="store_true",
+                   help="treat each row as observed at its own timestamp (historical files); default: the file "
+                        "arrives now, and rows later than the staleness rules allow are flagged stale")
     db_option(p)
 
     p = add("bench", cmd_bench, "Run the benchmarks and write bench/results.", config=False)

@@ -13,7 +13,8 @@ COMMANDS = ["demo", "ingest", "backtest", "tune", "promote", "config", "audit", 
 
 
 @pytest.mark.parametrize("argv", [[c, "--help"] for c in COMMANDS] + [["config", "rollback", "--help"],
-                                                                       ["audit", "verify", "--help"]])
+                                                                       ["audit", "verify", "--help"],
+                                                                       ["audit", "reanchor", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -56,6 +57,20 @@ def test_audit_verify_on_a_chain(tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
     log.write_text(log.read_text().replace('"test"', '"evil"'))
     assert main(["audit", "verify", "--log", str(log)]) == 1
+    log.unlink()
+    assert main(["audit", "verify", "--log", str(log)]) == 1
+    assert "truncated" in capsys.readouterr().out
+
+
+def test_audit_reanchor_accepts_a_reviewed_legacy_log(tmp_path, capsys):
+    from usp_core.config.audit import anchor_path, append_audit_record
+
+    log = tmp_path / "mutations.jsonl"
+    append_audit_record(log, event="MUTATION_APPLIED", trigger="test", delta={"core.seed": (1, 2)})
+    anchor_path(log).unlink()  # a log written before anchors existed
+    assert main(["audit", "verify", "--log", str(log)]) == 1
+    assert main(["audit", "reanchor", "--log", str(log)]) == 0
+    assert main(["audit", "verify", "--log", str(log)]) == 0
 
 
 def test_ingest_then_commands_read_the_store(tmp_path, capsys, monkeypatch):

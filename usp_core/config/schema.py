@@ -154,6 +154,8 @@ FIELDS: tuple[Field, ...] = (
     _i("gate", "outlier_max_consecutive", 1, 0, 1000,
        "Consecutive outliers rejected before further ones are accepted as a level shift."),
     _i("gate", "staleness_ttl_ns", 0, 0, 365 * _NS_DAY, "now - timestamp above this is stale (degraded); 0 disables."),
+    _f("gate", "staleness_cadence_multiple", 10.0, 0.0, 1e9,
+       "now - timestamp above this many of the series' typical intervals (its own cadence) is stale; 0 disables."),
     _i("gate", "max_gap_ns", 0, 0, 365 * _NS_DAY, "timestamp - last timestamp above this is a gap (degraded); 0 disables."),
     _i("gate", "frozen_signal_min_steps", 5, 2, 1000, "This many identical last values mark a frozen signal."),
     _i("gate", "frozen_signal_recovery_steps", 2, 1, 1000, "Consecutive clean steps to leave degraded mode (N_r)."),

@@ -33,16 +33,23 @@ def robust_z(y, window: Float[Array, " n"]) -> Float[Array, ""]:
 
 
 def gate_observation(y, timestamp_ns, now_ns, last_timestamp_ns, window, consecutive_outliers, *,
-                     outlier_z_threshold, outlier_max_consecutive, staleness_ttl_ns, max_gap_ns) -> GateDecision:
+                     outlier_z_threshold, outlier_max_consecutive, staleness_ttl_ns, max_gap_ns,
+                     cadence_ns=0.0, staleness_cadence_multiple=0.0) -> GateDecision:
     """``consecutive_outliers`` counts the outlying values seen in a row before this one: once more than
     ``outlier_max_consecutive`` arrive, they are a level shift, not glitches, and are accepted (the CUSUM
-    then signals the regime change) instead of being rejected forever."""
+    then signals the regime change) instead of being rejected forever.
+
+    Stale: older than ``staleness_ttl_ns`` when that is set, or than ``staleness_cadence_multiple`` typical
+    intervals of the series itself (``cadence_ns``), so a 1 ms series an hour late and a daily series a month
+    late are both stale with one default."""
     non_finite = ~jnp.isfinite(y)
     y_safe = jnp.where(non_finite, window[-1], y)
     outlying = (~non_finite) & (robust_z(y_safe, window) > outlier_z_threshold)
     outlier = outlying & (consecutive_outliers < outlier_max_consecutive)
     out_of_order = timestamp_ns <= last_timestamp_ns
-    stale = (staleness_ttl_ns > 0) & (now_ns - timestamp_ns > staleness_ttl_ns)
+    age = now_ns - timestamp_ns
+    stale = ((staleness_ttl_ns > 0) & (age > staleness_ttl_ns)) | (
+        (staleness_cadence_multiple > 0) & (cadence_ns > 0) & (age > staleness_cadence_multiple * cadence_ns))
     gap = (max_gap_ns > 0) & (timestamp_ns - last_timestamp_ns > max_gap_ns)
     rejected = non_finite | outlier | out_of_order
     run = jnp.where(outlying, consecutive_outliers + 1, jnp.where(non_finite, consecutive_outliers, 0))

@@ -25,6 +25,7 @@ _init_jit = jax.jit(step_mod.init_state, static_argnames=("static",))
 _step_jit = jax.jit(step_mod.step, static_argnames=("static",))
 _step_batch_jit = jax.jit(step_mod.step_batch, static_argnames=("static",))
 _init_batch_jit = jax.jit(step_mod.init_batch, static_argnames=("static",))
+_advance_batch_jit = jax.jit(step_mod.advance_batch, static_argnames=("static",))
 _run_jit = jax.jit(step_mod.run_panel, static_argnames=("static",))
 _run_trials_jit = jax.jit(step_mod.run_trials, static_argnames=("static",))
 _run_trials_shared_jit = jax.jit(step_mod.run_trials_shared, static_argnames=("static",))
@@ -112,6 +113,14 @@ class Predictor:
         """One step of B series at once (states stacked along a leading axis)."""
         new_states, out = _step_batch_jit(states, jnp.asarray(values, self.dtype), jnp.asarray(timestamps_ns, jnp.int64),
                                           jnp.asarray(now_ns, jnp.int64), self.static, self.params)
+        return out, new_states
+
+    def advance_batch(self, states: PredictorState, values, timestamps_ns, now_ns, mask) -> tuple[StepOutput, PredictorState]:
+        """L steps of B series in one compiled scan (B, L arrays); a series keeps its state where ``mask`` is
+        False. Callers pad L to a few sizes: each (B, L) compiles once."""
+        new_states, out = _advance_batch_jit(
+            states, jnp.asarray(values, self.dtype), jnp.asarray(timestamps_ns, jnp.int64),
+            jnp.asarray(now_ns, jnp.int64), jnp.asarray(mask, bool), self.static, self.params)
         return out, new_states
 
     # -- whole series, compiled once (scan over time, vmap over series) -----------------------------------

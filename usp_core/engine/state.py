@@ -47,6 +47,7 @@ class KernelState(eqx.Module):
     frozen: Bool[Array, ""]
     reference_variance: Float[Array, ""]  # window variance while not frozen (frozen-signal recovery)
     last_timestamp_ns: Int[Array, ""]
+    cadence_ns: Float[Array, ""]  # EMA of the intervals between accepted timestamps; 0 until one is seen
     consecutive_outliers: Int[Array, ""]  # gate counter: moves even when the observation is rejected
     steps: Int[Array, ""]
     key: Key[Array, ""]

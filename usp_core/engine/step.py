@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from usp_core.config.schema import FIELDS
 from usp_core.engine import adaptive, cusum, fusion, gate
@@ -32,6 +32,7 @@ from usp_core.kernels import EXPERTS, KERNELS, SIGNATURE_INDEX
 
 NUM_KERNELS = len(KERNELS)
 _CALIBRATION_Z2_CAP = 100.0  # one wild residual may widen the interval, not blow it up
+CADENCE_RATE = 0.1  # EMA rate of a series' typical interval (staleness relative to its own cadence)
 EXPERT_ENVELOPE = 100.0
 """An expert output further than this many window scales from the window mean (or sigma above it) is a failure."""
 
@@ -143,7 +144,7 @@ def kernel_init(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, 
         holder_exponent=meta.get("holder_exponent", holder0), dgm_entropy=entropy, mode_collapse=collapsed,
         degraded=jnp.asarray(False), clean_streak=zero_i, frozen=jnp.asarray(False),
         reference_variance=jnp.var(window), last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
-        consecutive_outliers=zero_i, steps=zero_i, key=key)
+        cadence_ns=jnp.zeros((), dtype), consecutive_outliers=zero_i, steps=zero_i, key=key)
 
 
 def fusion_init(kernel: KernelState, static, params) -> FusionState:
@@ -205,6 +206,11 @@ def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, 
     )
 
 
+def _cadence(k: KernelState, timestamp_ns) -> Float[Array, ""]:
+    interval = (timestamp_ns - k.last_timestamp_ns).astype(k.cadence_ns.dtype)
+    return jnp.where(k.cadence_ns > 0, (1 - CADENCE_RATE) * k.cadence_ns + CADENCE_RATE * interval, interval)
+
+
 def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
                 static, params) -> tuple[KernelState, KernelTrack]:
     """Gate the observation, update the window and degraded mode, and let the kernels forecast the next value."""
@@ -212,12 +218,14 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     dtype = k.window.dtype
     y = jnp.asarray(y, dtype)
 
-    # 1. ingestion gate
+    # 1. ingestion gate (the cadence estimate includes this interval, so the first step after init has one)
+    cadence = _cadence(k, timestamp_ns)
     decision = gate.gate_observation(
         y, timestamp_ns, now_ns, k.last_timestamp_ns, k.window, k.consecutive_outliers,
         outlier_z_threshold=params["outlier_z_threshold"],
         outlier_max_consecutive=params["outlier_max_consecutive"], staleness_ttl_ns=params["staleness_ttl_ns"],
-        max_gap_ns=params["max_gap_ns"])
+        max_gap_ns=params["max_gap_ns"], cadence_ns=cadence,
+        staleness_cadence_multiple=params["staleness_cadence_multiple"])
     rejected = decision.rejected
     y_ok = jnp.where(rejected, k.window[-1], y)
 
@@ -239,7 +247,8 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
         holder_exponent=meta.get("holder_exponent", k.holder_exponent), dgm_entropy=entropy, mode_collapse=collapsed,
         degraded=degraded, clean_streak=clean_streak, frozen=frozen,
         reference_variance=jnp.where(frozen, k.reference_variance, jnp.var(window)),
-        last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), consecutive_outliers=decision.consecutive_outliers,
+        last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), cadence_ns=cadence,
+        consecutive_outliers=decision.consecutive_outliers,
         steps=k.steps + 1, key=key)
     # A rejected observation changes nothing but the gate counters (SPEC §3.3 step 1).
     new = jax.tree.map(lambda old, fresh: jnp.where(rejected, old, fresh), k, accepted)
@@ -384,6 +393,22 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
 def step_batch(states: PredictorState, values, timestamps_ns, now_ns, static, params) -> tuple[PredictorState, StepOutput]:
     """One step of many series (states stacked along a leading axis)."""
     return jax.vmap(lambda s, y, ts, now: step(s, y, ts, now, static, params))(states, values, timestamps_ns, now_ns)
+
+
+def advance_batch(states: PredictorState, values: Float[Array, "B L"], timestamps_ns: Int[Array, "B L"],
+                  now_ns: Int[Array, "B L"], mask: Bool[Array, "B L"], static, params) -> tuple[PredictorState, StepOutput]:
+    """``lax.scan`` of :func:`step_batch` over L time indices; where ``mask`` is False a series keeps its state
+    (rows of different lengths, padding). Outputs have leading axes (B, L)."""
+
+    def body(carry, xs):
+        y, ts, now, live = xs
+        stepped, out = step_batch(carry, y, ts, now, static, params)
+        merged = jax.tree.map(lambda new, old: jnp.where(live.reshape(live.shape + (1,) * (new.ndim - 1)), new, old),
+                              stepped, carry)
+        return merged, out
+
+    final, outs = jax.lax.scan(body, states, (values.T, timestamps_ns.T, now_ns.T, mask.T))
+    return final, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
 
 
 def init_batch(histories, timestamps_ns, key, static, params) -> tuple[PredictorState, StepOutput]:

@@ -1,8 +1,8 @@
 """Inference on one observation file: validate, step every series' state, store predictions + states atomically.
 
-Rows of a series are stepped in time order; all series advance together through ``Predictor.step_batch`` (one
-vmapped call per time index, padded to a power-of-two batch so that file sizes reuse compilations), and a
-series without a row at that index keeps its state (masked merge).
+Rows of a series are stepped in time order; all series advance together through ``Predictor.advance_batch`` (one
+compiled scan per chunk of up to 256 time indices, batch padded to a power of two and chunks to 1, 2, 4, ...,
+256 steps so that file sizes reuse compilations), and a series without a row at that index keeps its state.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from usp_core.inference.codec import StateDecodeError, decode_state, encode_stat
 from usp_core.inference.store import PredictionStore
 
 HORIZON = 1
+MAX_CHUNK = 256  # time indices per compiled scan of the inference job (lengths padded to 1, 2, 4, ..., 256)
 REBUILD_STEPS = 2000  # stored values a state rebuilt from history steps through (bounds a config switch's cost)
 FLAG_FIELDS = ("regime_change", "degraded", "emergency", "rejected", "outlier", "stale", "gap", "frozen",
                "mode_collapse_warning")
@@ -107,25 +108,12 @@ def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)]) if len(x) < size else x
 
 
-@jax.jit
-def _masked_merge(mask, new, old):
-    def pick(a, b):
-        m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
-        return jnp.where(m, a, b)
-
-    return jax.tree.map(pick, new, old)
-
-
 def _stack(states: list):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def _state_at(batched, i: int):
     return jax.tree.map(lambda x: x[i], batched)
-
-
-def _output_rows(out, idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: np.asarray(getattr(out, name))[idx] for name in out._fields}
 
 
 def _split_replayed(quarantine: pd.DataFrame, history: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -174,8 +162,9 @@ def run_inference(
     initialised on ``min_history`` values and stepped through at most ``rebuild_steps`` stored values before the
     file's rows. Predictions are written for every stepped row, so switching configs A -> B -> A skips nothing.
 
-    ``now_ns`` is the wall clock for staleness checks; ``None`` treats each row as observed at its own
-    timestamp (replay of historical files). Rows already stored are skipped, so a replayed file adds nothing.
+    ``now_ns`` is the wall clock when the file arrived (the pipeline and ``usp predict`` pass it): a file's rows
+    are as late as its newest row per series, and the gate marks them stale beyond the configured TTL or
+    multiple of the series' cadence. ``None`` treats each row as observed at its own timestamp (replays). Rows already stored are skipped, so a replayed file adds nothing.
     """
     from usp_core.engine import step as step_mod
     from usp_core.engine.predictor import Predictor
@@ -202,6 +191,7 @@ def run_inference(
     stored_by_series = dict(tuple(history.groupby("series_id", sort=False))) if len(history) else {}
 
     plans: list[tuple[str, np.ndarray, np.ndarray]] = []  # series, values to step, their ts (ns)
+    file_rows = good.groupby("series_id").size()  # the last rows of each plan
     start_states: dict[str, object] = {}
     init_ids: list[str] = []
     init_hist: list[np.ndarray] = []
@@ -273,7 +263,7 @@ def run_inference(
         b = _next_pow2(len(init_ids))
         init_states, init_out = predictor.init_batch(_pad_batch(np.stack(init_hist), b),
                                                      _pad_batch(np.asarray(init_ts, np.int64), b))
-        emit(init_ids, np.asarray(init_ts), _output_rows(init_out, np.arange(len(init_ids))))
+        emit(init_ids, np.asarray(init_ts), {name: np.asarray(getattr(init_out, name))[: len(init_ids)] for name in init_out._fields})
         for i, sid in enumerate(init_ids):
             start_states[sid] = _state_at(init_states, i)
         log(f"initialised {len(init_ids)} series from their stored history ({m} values each, then up to "
@@ -291,15 +281,25 @@ def run_inference(
         mask = np.zeros((b, length), bool)
         for i, (_, v, t) in enumerate(steppable):
             values[i, :len(v)], stamps[i, :len(t)], mask[i, :len(v)] = v, t, True
+        now = stamps.copy()  # stored rows (catch-up, rebuild) were on time when they arrived
+        if now_ns is not None:
+            # the file's rows arrive as late as its newest row: a batch delivered on time is not stale
+            for i, sid in enumerate(ids):
+                n_file = int(file_rows[sid])
+                newest = stamps[i, len(steppable[i][1]) - 1]
+                now[i, len(steppable[i][1]) - n_file: len(steppable[i][1])] += max(0, int(now_ns) - int(newest))
         batch = _stack([start_states[sid] for sid in ids] + [start_states[ids[0]]] * (b - len(ids)))
-        for t in range(length):
-            now = stamps[:, t] if now_ns is None else np.full(b, now_ns, np.int64)
-            out, stepped = predictor.step_batch(batch, values[:, t], stamps[:, t], now)
-            batch = _masked_merge(jnp.asarray(mask[:, t]), stepped, batch)
-            rows = np.flatnonzero(mask[:, t])
-            emit([ids[i] for i in rows], stamps[rows, t], _output_rows(out, rows))
-            if length >= 50 and (t + 1) % max(1, length // 10) == 0:
-                log(f"stepped {t + 1}/{length} time indices across {len(ids)} series")
+        chunk = min(_next_pow2(length), MAX_CHUNK)
+        for lo in range(0, length, chunk):
+            part = slice(lo, lo + chunk)
+            pad = chunk - mask[:, part].shape[1]
+            padded = [np.pad(x[:, part], ((0, 0), (0, pad))) for x in (values, stamps, now, mask)]
+            out, batch = predictor.advance_batch(batch, *padded)
+            rows, steps = np.nonzero(padded[3])
+            emit([ids[i] for i in rows], padded[1][rows, steps],
+                 {name: np.asarray(getattr(out, name))[rows, steps] for name in out._fields})
+            if length > chunk:
+                log(f"stepped {min(lo + chunk, length)}/{length} time indices across {len(ids)} series")
         for i, sid in enumerate(ids):
             final_states[sid] = _state_at(batch, i)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 from usp_core.paths import duckdb_path
 
@@ -260,7 +261,9 @@ class PredictionStore:
 def _insert(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame, columns: tuple[str, ...]) -> int:
     if frame.empty:
         return 0
-    con.register("_incoming", frame.loc[:, list(columns)])
+    # Arrow infers list columns from every row; DuckDB's pandas scan samples the first rows, so a column whose
+    # sampled rows are all empty lists (flags) was typed NULL[] and a later non-empty row failed to cast.
+    con.register("_incoming", pa.Table.from_pandas(frame.loc[:, list(columns)], preserve_index=False))
     try:
         cols = ", ".join(columns)
         inserted = con.execute(

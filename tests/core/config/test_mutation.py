@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from tests.conftest import audit_log_of as _audit
 from usp_core.config.audit import read_audit_records, verify_audit_log
 from usp_core.config.loader import PredictorConfig, load_config
 from usp_core.config.mutation import (
@@ -24,18 +25,6 @@ from usp_core.config.mutation import (
 from usp_core.config.render import render_toml
 
 T0 = dt.datetime(2025, 3, 1, 8, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def repo(tmp_path):
-    (tmp_path / "config").mkdir()
-    path = tmp_path / "config" / "config.toml"
-    path.write_text(render_toml(), encoding="utf-8")
-    return path
-
-
-def _audit(path):
-    return path.parent.parent / "audit" / "mutations.jsonl"
 
 
 def test_applied_mutation_changes_only_the_values(repo):

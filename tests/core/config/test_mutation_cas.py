@@ -1,23 +1,10 @@
 """atomic_write_config(expected_version=...): a compare-and-swap on the config version under the lock."""
 
-import pytest
 
+from tests.conftest import audit_log_of as _audit
 from usp_core.config.audit import read_audit_records, verify_audit_log
 from usp_core.config.loader import load_config
 from usp_core.config.mutation import STALE_PREFIX, atomic_write_config
-from usp_core.config.render import render_toml
-
-
-@pytest.fixture
-def repo(tmp_path):
-    (tmp_path / "config").mkdir()
-    path = tmp_path / "config" / "config.toml"
-    path.write_text(render_toml(), encoding="utf-8")
-    return path
-
-
-def _audit(path):
-    return path.parent.parent / "audit" / "mutations.jsonl"
 
 
 def test_write_applies_when_the_version_is_the_expected_one(repo):

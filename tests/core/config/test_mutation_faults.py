@@ -15,7 +15,6 @@ import pytest
 from usp_core.config.audit import read_audit_records, verify_audit_log
 from usp_core.config.loader import load_config
 from usp_core.config.mutation import FAULT_POINTS, atomic_write_config
-from usp_core.config.render import render_toml
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -84,14 +83,6 @@ def _run_driver(code, *args):
                           timeout=120, env=env, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith(("{", "["))]
-
-
-@pytest.fixture
-def repo(tmp_path):
-    (tmp_path / "config").mkdir()
-    path = tmp_path / "config" / "config.toml"
-    path.write_text(render_toml(), encoding="utf-8")
-    return path
 
 
 @pytest.mark.slow  # ~15 s on 2 idle cores: 60 forked writers, each fsyncing 4 files

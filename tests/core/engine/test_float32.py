@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL_OVERRIDES
 
+from tests.conftest import SMALL_OVERRIDES
 from usp_core import Predictor, load_config
 from usp_core.config import PredictorConfig
 from usp_core.engine import snapshot

@@ -72,6 +72,17 @@ def test_stale_and_gap_are_separate_notions_and_accepted():
     assert not bool(off.gap) and not bool(off.stale)
 
 
+def test_staleness_relative_to_the_series_cadence():
+    """A series' typical interval sets what "late" means: 10 intervals by default."""
+    cadence = dict(staleness_cadence_multiple=10.0)
+    assert bool(_decide(0.1, ts=10, now=10 + 11, cadence_ns=1.0, **cadence).stale)
+    assert not bool(_decide(0.1, ts=10, now=10 + 9, cadence_ns=1.0, **cadence).stale)
+    assert not bool(_decide(0.1, ts=10, now=10**6, cadence_ns=0.0, **cadence).stale)  # cadence not known yet
+    assert not bool(_decide(0.1, ts=10, now=10**6, cadence_ns=1.0, staleness_cadence_multiple=0.0).stale)  # off
+    hour_late_ms_series = _decide(0.1, ts=10**9, now=10**9 + 3600 * 10**9, cadence_ns=1e6, **cadence)
+    assert bool(hour_late_ms_series.stale) and not bool(hour_late_ms_series.rejected)
+
+
 @pytest.mark.parametrize("ts", [9, 5])
 def test_duplicate_or_out_of_order_timestamp_is_rejected(ts):
     d = _decide(0.1, ts=ts, now=ts, last=9)

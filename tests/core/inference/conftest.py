@@ -24,3 +24,20 @@ def observations(series: dict[str, int], *, start="2024-01-01", seed=0) -> pd.Da
         frames.append(pd.DataFrame({"series_id": sid, "ts": ts.strftime("%Y-%m-%dT%H:%M:%SZ"),
                                     "value": np.cumsum(rng.normal(size=n)).astype(object)}))
     return pd.concat(frames, ignore_index=True)
+
+
+def online_predictions(cfg, frame: pd.DataFrame) -> tuple[list[float], object]:
+    """The forecasts and final state of one uninterrupted online run over a one-series frame: init on
+    ``min_history`` values, then one step per row (what stored-state inference must reproduce)."""
+    from usp_core.engine.predictor import Predictor
+
+    p = Predictor(cfg)
+    m = p.min_history
+    values = frame["value"].astype(float).to_numpy()
+    stamps = pd.to_datetime(frame["ts"], utc=True).astype("int64").to_numpy()
+    state, out0 = p.init_output(values[:m], timestamp_ns=int(stamps[m - 1]))
+    expected = [float(out0.prediction)]
+    for v, t in zip(values[m:], stamps[m:], strict=True):
+        res, state = p.step(state, v, timestamp_ns=int(t), now_ns=int(t))
+        expected.append(float(res.prediction))
+    return expected, state

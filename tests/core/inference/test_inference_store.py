@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.core.inference.conftest import observations
+from tests.core.inference.conftest import observations, online_predictions
 from usp_core.inference import PredictionStore, decode_state, run_inference
 from usp_core.inference import store as store_mod
 from usp_core.kernels import EXPERT_NAMES
@@ -46,8 +46,6 @@ def test_bad_rows_quarantined_good_rows_predicted_and_replay_adds_nothing(tmp_pa
 
 
 def test_continuation_steps_from_the_stored_state(tmp_path, small_cfg):
-    from usp_core.engine.predictor import Predictor
-
     m = 64
     full = observations({"a": m + 8}, seed=3)
     first, second = tmp_path / "1.csv", tmp_path / "2.csv"
@@ -60,14 +58,7 @@ def test_continuation_steps_from_the_stored_state(tmp_path, small_cfg):
     preds = store.table("predictions").sort_values("ts")
 
     # the same numbers as one uninterrupted online run
-    p = Predictor(small_cfg)
-    values = full["value"].astype(float).to_numpy()
-    stamps = pd.to_datetime(full["ts"], utc=True).astype("int64").to_numpy()
-    state, out0 = p.init_output(values[:m], timestamp_ns=int(stamps[m - 1]))
-    expected = [float(out0.prediction)]
-    for v, t in zip(values[m:], stamps[m:], strict=True):
-        res, state = p.step(state, v, timestamp_ns=int(t), now_ns=int(t))
-        expected.append(float(res.prediction))
+    expected, state = online_predictions(small_cfg, full)
     np.testing.assert_allclose(preds["prediction"].to_numpy(), expected, rtol=1e-9)
     stored = store.load_states(small_cfg.version, ["a"])["a"]
     restored = decode_state(stored.state, stored.state_sha256, state)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.core.inference.conftest import observations
+from tests.core.inference.conftest import observations, online_predictions
 from usp_core.inference import PredictionStore, StoreBusyError, ingest_file, observation_files, run_inference
 
 
@@ -52,8 +52,6 @@ def test_ingest_reads_csv_and_parquet_from_a_directory(tmp_path):
 
 @pytest.mark.slow
 def test_inference_catches_up_with_ingested_observations(tmp_path, small_cfg):
-    from usp_core.engine.predictor import Predictor
-
     m = 64
     full = observations({"a": m + 12}, seed=5)
     store = PredictionStore(tmp_path / "usp.duckdb")
@@ -63,14 +61,7 @@ def test_inference_catches_up_with_ingested_observations(tmp_path, small_cfg):
     assert r.caught_up == 6 and r.predictions_written == 10
 
     preds = store.table("predictions").sort_values("ts")
-    p = Predictor(small_cfg)
-    values = full["value"].astype(float).to_numpy()
-    stamps = pd.to_datetime(full["ts"], utc=True).astype("int64").to_numpy()
-    state, out0 = p.init_output(values[:m], timestamp_ns=int(stamps[m - 1]))
-    expected = [float(out0.prediction)]
-    for v, t in zip(values[m:], stamps[m:], strict=True):
-        res, state = p.step(state, v, timestamp_ns=int(t), now_ns=int(t))
-        expected.append(float(res.prediction))
+    expected, _ = online_predictions(small_cfg, full)
     np.testing.assert_allclose(preds["prediction"].to_numpy(), expected, rtol=1e-9)
 
 
@@ -143,3 +134,42 @@ def test_a_second_writer_waits_for_the_lock_then_fails_clearly(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_list_columns_are_typed_from_every_row(tmp_path):
+    """Thousands of rows without flags, then one with: DuckDB's pandas scan sampled the first rows, typed the
+    column NULL[] and failed on the flagged row (seen on the demo's rebuild of two long series)."""
+    from usp_core.inference.store import PREDICTION_COLUMNS
+
+    n = 3000
+    frame = pd.DataFrame({
+        "series_id": "a", "ts": pd.date_range("2024-01-01", periods=n, freq="h"), "horizon": 1, "config_version": "v",
+        "prediction": 0.0, "lower": -1.0, "upper": 1.0, "sigma": 0.5, "mode": np.int32(0), "regime_change": False,
+        "degraded": False, "emergency": False, "rejected": False, "flags": [[] for _ in range(n)],
+        "weights": [[0.5, 0.5] for _ in range(n)], "dagster_run_id": "r", "created_at": pd.Timestamp("2024-01-01"),
+    }).loc[:, list(PREDICTION_COLUMNS)]
+    frame.at[n - 1, "flags"] = ["regime_change"]
+    store = PredictionStore(tmp_path / "usp.duckdb")
+    counts = store.commit_inference(predictions=frame, states=pd.DataFrame(), observations=pd.DataFrame(),
+                                    quarantine=pd.DataFrame())
+    assert counts.predictions == n
+    assert list(store.table("predictions").sort_values("ts")["flags"].iloc[-1]) == ["regime_change"]
+
+
+@pytest.mark.slow
+def test_a_late_file_is_stale_relative_to_the_series_cadence(tmp_path, small_cfg):
+    """Wall clock as now: hourly rows delivered within the hour are fresh, the same rows a day later are stale
+    (10 hourly intervals by default) and degrade the forecast; a replay is never stale."""
+    m = 64
+    full = observations({"a": m + 20}, seed=4)
+    newest = pd.Timestamp(full["ts"].iloc[m + 9]).value
+    runs = {}
+    for name, now in (("on_time", newest + 30 * 60 * 10**9), ("late", newest + 24 * 3600 * 10**9), ("replay", None)):
+        store = PredictionStore(tmp_path / f"{name}.duckdb")
+        ingest_file(_csv(full.iloc[:m], tmp_path / f"{name}_history.csv"), store)
+        run_inference(_csv(full.iloc[m: m + 10], tmp_path / f"{name}.csv"), small_cfg, store, now_ns=now)
+        preds = store.table("predictions").sort_values("ts")
+        runs[name] = preds[preds["ts"] >= pd.Timestamp(full["ts"].iloc[m]).tz_localize(None)]
+    assert not any("stale" in f for f in runs["on_time"]["flags"]) and not runs["replay"]["degraded"].any()
+    late = runs["late"]
+    assert all("stale" in f for f in late["flags"]) and late["degraded"].all() and (late["mode"] == 1).all()

@@ -3,27 +3,14 @@
 import dataclasses
 
 import numpy as np
-import pytest
 
+from tests.conftest import audit_log_of as _audit
 from usp_core.config.audit import read_audit_records, verify_audit_log
 from usp_core.config.loader import load_config
 from usp_core.config.mutation import atomic_write_config, rollback
-from usp_core.config.render import render_toml
 from usp_core.promotion import evaluate_and_promote, promote
 from usp_core.promotion.gate import PromotionDecision
 from usp_core.promotion.promote import is_stale_reason
-
-
-@pytest.fixture
-def repo(tmp_path):
-    (tmp_path / "config").mkdir()
-    path = tmp_path / "config" / "config.toml"
-    path.write_text(render_toml(), encoding="utf-8")
-    return path
-
-
-def _audit(path):
-    return path.parent.parent / "audit" / "mutations.jsonl"
 
 
 def _version(path):

@@ -1,5 +1,7 @@
 """Predictions in DuckDB, produced by the inference job whenever a file lands in data/incoming/ (SPEC §7)."""
 
+import time
+
 import dagster as dg
 
 from usp_pipeline.defs.common.metadata import md_table
@@ -14,6 +16,7 @@ class IncomingFileConfig(dg.Config):
 
     path: str
     sha256: str = ""
+    replay: bool = False  # rows observed at their own timestamps (a historical file), never stale
 
 
 @dg.asset(group_name=GROUP, kinds={"duckdb", "jax"}, pool=DUCKDB_WRITER_POOL, deps=["champion_config"])
@@ -29,7 +32,8 @@ def predictions(
 
     cfg = config_store.load()
     store = duckdb.store()
-    result = run_inference(config.path, cfg, store, run_id=context.run.run_id, log=context.log.info)
+    result = run_inference(config.path, cfg, store, run_id=context.run.run_id,
+                           now_ns=None if config.replay else time.time_ns(), log=context.log.info)
     if result.cold_starts:
         context.log.warning(f"rebuilt from history (stored state unusable): {result.cold_starts}")
     if result.sha256 and config.sha256 and result.sha256 != config.sha256:
