@@ -154,7 +154,8 @@ def _print_summary(summary: dict, home: Path) -> None:
         f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000",
         "Query the predictions:",
         f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{summary['duckdb']}', read_only=True)"
-        ".sql('select * from predictions limit 5'))\"",
+        ".sql('select series_id, origin_ts, target_ts, prediction, lower, upper, realised, covered, mode_name "
+        "from scored_predictions order by origin_ts desc limit 5'))\"",
     ]
     print("\n".join(lines), flush=True)
 

@@ -332,5 +332,6 @@ def run_inference(
         quarantined=len(quarantine), skipped=skipped,
         predictions_written=counts.predictions, states_written=counts.states, series=len(final_states),
         new_series=len(init_ids), caught_up=caught_up, cold_starts=cold_starts, quarantine_reasons={str(k): int(v) for k, v in reasons.items()},
-        sample=predictions.drop(columns=["flags", "weights"]).head(10) if len(predictions) else None,
+        sample=(predictions.drop(columns=["flags", "weights"]).sort_values("ts", ascending=False).head(10)
+                if len(predictions) else None),
     )

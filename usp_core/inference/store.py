@@ -86,6 +86,26 @@ CREATE TABLE IF NOT EXISTS processed_files (
 );
 """
 
+MODE_NAMES = ("inference", "degraded", "emergency")  # StepOutput.mode 0, 1, 2
+
+
+def scored_predictions_sql(expert_names: Sequence[str]) -> str:
+    """A view of ``predictions`` with what a user reads: the time each forecast is for and its realised value
+    (the next stored observation of the series, once it arrives), the error, whether the interval covered it,
+    the mode by name and the experts the weights belong to."""
+    modes = " ".join(f"WHEN {i} THEN '{name}'" for i, name in enumerate(MODE_NAMES))
+    experts = ", ".join(f"'{name}'" for name in expert_names)
+    return f"""
+CREATE OR REPLACE VIEW scored_predictions AS
+SELECT p.series_id, p.ts AS origin_ts, o.ts AS target_ts, p.horizon, p.config_version,
+       p.prediction, p.lower, p.upper, p.sigma, o.value AS realised, o.value - p.prediction AS error,
+       o.value BETWEEN p.lower AND p.upper AS covered,
+       CASE p.mode {modes} END AS mode_name, p.flags, [{experts}] AS experts, p.weights,
+       p.dagster_run_id, p.created_at
+FROM predictions p ASOF LEFT JOIN observations o ON p.series_id = o.series_id AND o.ts > p.ts
+"""
+
+
 PREDICTION_COLUMNS = (
     "series_id", "ts", "horizon", "config_version", "prediction", "lower", "upper", "sigma", "mode",
     "regime_change", "degraded", "emergency", "rejected", "flags", "weights", "dagster_run_id", "created_at",
@@ -133,6 +153,9 @@ class PredictionStore:
             for statement in SCHEMA_SQL.split(";"):
                 if statement.strip():
                     con.execute(statement).fetchall()
+            from usp_core.kernels import EXPERT_NAMES
+
+            con.execute(scored_predictions_sql(EXPERT_NAMES)).fetchall()
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.lock_timeout_s
@@ -247,7 +270,8 @@ class PredictionStore:
         return WriteCounts(n_pred, n_states, n_obs, n_quar)
 
     def count(self, table: str) -> int:
-        if table not in ("observations", "predictions", "predictor_states", "quarantine", "processed_files"):
+        if table not in ("observations", "predictions", "predictor_states", "quarantine", "processed_files",
+                         "scored_predictions"):
             raise ValueError(f"unknown table {table!r}")
         with self.connect() as con:
             return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])

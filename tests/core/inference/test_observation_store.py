@@ -64,6 +64,17 @@ def test_inference_catches_up_with_ingested_observations(tmp_path, small_cfg):
     expected, _ = online_predictions(small_cfg, full)
     np.testing.assert_allclose(preds["prediction"].to_numpy(), expected, rtol=1e-9)
 
+    # what a user reads: each forecast with the time it is for and, once stored, the value that came
+    scored = store.table("scored_predictions").sort_values("origin_ts")
+    values = full["value"].astype(float).to_numpy()
+    np.testing.assert_array_equal(scored["realised"].to_numpy()[:-1], values[m:])
+    assert np.isnan(scored["realised"].iloc[-1]) and pd.isna(scored["target_ts"].iloc[-1])  # not yet observed
+    assert (scored["target_ts"].iloc[:-1].to_numpy() > scored["origin_ts"].iloc[:-1].to_numpy()).all()
+    lived = scored.iloc[:-1]
+    assert (lived["covered"] == ((lived["realised"] >= lived["lower"]) & (lived["realised"] <= lived["upper"]))).all()
+    assert set(scored["mode_name"]) <= {"inference", "degraded", "emergency"}
+    assert all(len(e) == len(w) for e, w in zip(scored["experts"], scored["weights"], strict=True))
+
 
 @pytest.mark.slow
 def test_config_switch_and_rollback_lose_no_observation(tmp_path, small_cfg):
