@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from usp_core.config.mutation import parse_config_text
-from usp_core.tuning.tracking import default_tracking_uri
+from usp_core.tuning.tracking import default_tracking_uri, ensure_experiment
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -60,9 +60,7 @@ class ConfigRegistry:
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            exp = self.client.get_experiment_by_name(self._experiment)
-            self._experiment_id = (exp.experiment_id if exp is not None else
-                                   self.client.create_experiment(self._experiment, artifact_location=self._artifact_location))
+            self._experiment_id = ensure_experiment(self.client, self._experiment, self._artifact_location)
         return self._experiment_id
 
     def _ensure_model(self) -> None:

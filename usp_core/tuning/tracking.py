@@ -31,6 +31,28 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"  # MLflow 3's UI opens runs and metrics, not GenAI traces
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created if missing (artifacts next to a local store), tagged as model
+    development so that the MLflow UI opens on runs rather than on its GenAI pages."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        location = artifact_location or default_artifact_root(client.tracking_uri)
+        try:
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+        except Exception:  # another worker created it first
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+    return found.experiment_id
+
+
 def default_artifact_root(tracking_uri: str) -> str | None:
     """Artifacts next to a local SQLite store; servers choose their own."""
     if tracking_uri.startswith("sqlite:///"):
@@ -61,18 +83,7 @@ class CampaignTracker:
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment_name = experiment
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            try:
-                self.experiment_id = self.client.create_experiment(
-                    experiment, artifact_location=artifact_location or default_artifact_root(self.tracking_uri))
-            except Exception:  # another worker created it first
-                found = self.client.get_experiment_by_name(experiment)
-                if found is None:
-                    raise
-                self.experiment_id = found.experiment_id
-        else:
-            self.experiment_id = found.experiment_id
+        self.experiment_id = ensure_experiment(self.client, experiment, artifact_location)
         self.parent_run_id: str | None = None
 
     @classmethod

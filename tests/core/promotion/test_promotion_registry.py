@@ -56,3 +56,26 @@ def test_promotion_rollback_and_reconcile(tmp_path):
     assert fixed.changed and fixed.previous_model_version == "1" and fixed.model_version == "4"
     assert reg.alias_version(CHAMPION)[1] == PredictorConfig.default().replace({"cusum_h": 6.0}).version
     assert verify_audit_log(tmp_path / "audit" / "mutations.jsonl") == (True, [])
+
+
+def test_experiments_are_model_development_with_artifacts_next_to_the_store(tmp_path, monkeypatch):
+    """MLflow 3 opens GenAI pages unless the experiment says otherwise; artifacts of a local store stay next to
+    it (not under the working directory's mlruns/)."""
+    from usp_core.tuning.tracking import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, CampaignTracker
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    path = tmp_path / "config" / "config.toml"
+    path.write_text(render_toml(), encoding="utf-8")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    reg = ConfigRegistry.for_config(path, uri)
+    tracker = CampaignTracker(uri, experiment="usp-tuning")
+    for exp_id in (reg.experiment_id, tracker.experiment_id):
+        exp = tracker.client.get_experiment(exp_id)
+        assert exp.tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
+        assert exp.artifact_location.startswith((tmp_path / "store" / "artifacts").as_uri())
+    tracker.client.set_experiment_tag(tracker.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+    again = CampaignTracker(uri, experiment="usp-tuning")  # an experiment made before the tag is re-tagged
+    assert again.client.get_experiment(again.experiment_id).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
+    assert not (tmp_path / "mlruns").exists()
