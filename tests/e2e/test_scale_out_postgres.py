@@ -61,14 +61,18 @@ def test_daily_pipeline_on_postgres_stores(pipeline_home, pg_schema, monkeypatch
     profile = yaml.safe_load((REPO / "usp_pipeline" / "profiles" / "dagster.postgres.yaml").read_text())
     (home / "dagster.yaml").write_text(yaml.safe_dump(profile))
 
+    from usp_core.data.real import load_dev_panel
+    from usp_core.inference import ingest_frame
     from usp_pipeline.definitions import ASSETS, default_resources
     from usp_pipeline.defs.common.jobs import DAILY_ASSETS
     from usp_pipeline.defs.common.resources import WorkloadResource
     from usp_pipeline.defs.data.assets import validated_observations_schema
 
+    resources = {**default_resources(), "workload": WorkloadResource(max_series=1, max_length=160, fast_trials=2)}
+    panel, _ = load_dev_panel(("sp500_return",), max_length=160)
+    ingest_frame(panel, resources["duckdb"].store(), source="test")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        resources = {**default_resources(), "workload": WorkloadResource(max_series=1, max_length=160, fast_trials=2)}
         result = dg.materialize([*ASSETS, validated_observations_schema], selection=dg.AssetSelection.assets(*DAILY_ASSETS),
                                 resources=resources, instance=instance)
         assert result.success
