@@ -119,14 +119,15 @@ def promote(
     if not decision.promote:
         _audit_rejection(path, champion, changes, decision, f"gate: {decision.reason}", audit_log=audit_log,
                          run_id=run_id, now=now)
-        return PromotionOutcome(decision, False, decision.reason, None, run_id, challenger_version, None)
+        # the champion alias names the file's config even when nothing was ever promoted (a fresh registry)
+        champion_version = registry.reconcile(path).model_version if registry is not None else None
+        return PromotionOutcome(decision, False, decision.reason, None, run_id, challenger_version, champion_version)
     result = atomic_write_config(path, changes, "promotion", audit_log=audit_log,
                                  objective=decision_objective(decision), mlflow_run_id=run_id, now=now,
                                  reason=decision.reason, lock_timeout=lock_timeout, expected_version=expected)
     stale = not result.applied and expected is not None and result.version_before != expected
-    champion_version = None
-    if result.applied and registry is not None:
-        champion_version = registry.reconcile(path).model_version
+    # a stale attempt leaves the alias to the writer that changed the file
+    champion_version = registry.reconcile(path).model_version if registry is not None and not stale else None
     return PromotionOutcome(decision, result.applied, result.reason, result, run_id, challenger_version,
                             champion_version, stale=stale)
 

@@ -79,3 +79,16 @@ def test_experiments_are_model_development_with_artifacts_next_to_the_store(tmp_
     again = CampaignTracker(uri, experiment="usp-tuning")  # an experiment made before the tag is re-tagged
     assert again.client.get_experiment(again.experiment_id).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_rejected_first_decision_still_names_the_champion(tmp_path):
+    """A fresh registry whose first decision is a rejection: the champion alias names the file's config, the
+    challenger alias the rejected candidate (the demo showed only @challenger and champion_model_version None)."""
+    (tmp_path / "config").mkdir()
+    path = tmp_path / "config" / "config.toml"
+    path.write_text(render_toml(), encoding="utf-8")
+    reg = ConfigRegistry.for_config(path, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "a"))
+    out = promote(path, {"cusum_k": 0.8}, _decision(False), registry=reg)
+    assert not out.promoted and out.champion_model_version is not None
+    assert reg.alias_version(CHAMPION) == (out.champion_model_version, PredictorConfig.default().version)
+    assert reg.alias_version(CHALLENGER)[0] == out.challenger_model_version != out.champion_model_version
