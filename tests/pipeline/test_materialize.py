@@ -90,3 +90,27 @@ def test_closed_loop_on_the_users_series(pipeline_home):
                            run_config=tick.run_requests[0].run_config)
     assert _metadata(again, "predictions")["predictions_written"] == 0
     assert {t: store.count(t) for t in counts} == counts
+
+    # A -> B -> A: a config change, a file under B, a rollback, a file under A again; no observation is skipped
+    from usp_core.config.mutation import atomic_write_config, rollback
+
+    config_path = resources["config_store"].path()
+    version_a = champion["config_version"]
+    assert atomic_write_config(config_path, {"orchestration.cusum_k": 0.55}, "manual").applied
+    more = _observations(260, 220, seed=11)
+    early = more.groupby("series_id").cumcount() < 20
+    for name, part, expected_version in (("b.csv", more[early], None), ("a_again.csv", more[~early], version_a)):
+        if expected_version is not None:
+            rollback(config_path)
+        part.assign(ts=part["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")).to_csv(incoming / name, index=False)
+        config = {"path": str(incoming / name)}
+        run = dg.materialize(ASSETS, selection=["predictions"], resources=resources, instance=instance,
+                             run_config={"ops": {"predictions": {"config": config}}})
+        meta = _metadata(run, "predictions")
+        assert expected_version is None or meta["config_version"] == expected_version
+    preds = store.table("predictions")
+    a_keys = set(zip(*(preds.loc[preds["config_version"] == version_a, c] for c in ("series_id", "ts")), strict=True))
+    stored = store.table("observations")
+    after = stored[stored["ts"] > pd.Timestamp(history["ts"].max()).tz_localize(None) - pd.Timedelta(hours=20)]
+    assert set(zip(after["series_id"], after["ts"], strict=True)) <= a_keys  # A caught up with B's rows
+    assert store.count("observations") == 440 + 80
