@@ -131,14 +131,15 @@ def _hold(path, seconds: float) -> subprocess.Popen:
 
 def test_a_second_writer_waits_for_the_lock_then_fails_clearly(tmp_path):
     store = PredictionStore(tmp_path / "usp.duckdb")
-    holder = _hold(store.path, 1.5)
+    # holds long enough that scheduling delays on a loaded machine cannot let the opener miss the lock
+    holder = _hold(store.path, 4)
     try:
         start = time.monotonic()
-        assert PredictionStore(store.path, lock_timeout_s=30).count("observations") == 0  # waited, then went through
+        assert PredictionStore(store.path, lock_timeout_s=60).count("observations") == 0  # waited, then went through
         assert time.monotonic() - start > 0.5
     finally:
         holder.wait()
-    holder = _hold(store.path, 5)
+    holder = _hold(store.path, 60)
     try:
         with pytest.raises(StoreBusyError, match="held by another process"):
             PredictionStore(store.path, lock_timeout_s=0.5).count("observations")
