@@ -107,11 +107,11 @@ def relative_to(metrics: dict[str, np.ndarray], reference: dict[str, np.ndarray]
 
 
 def objective_value(name: str, per_series: dict[str, np.ndarray]) -> float:
-    """Tuning/promotion objective, lower is better: mean over series of MSE/MSE_naive (``relative_mse``),
-    of CRPS/CRPS_naive (``crps_skill``: minimising the ratio maximises the skill), or of MASE (``mase``)."""
-    column = {"relative_mse": "relative_mse", "crps_skill": "crps_ratio", "mase": "mase"}.get(name)
+    """Tuning/promotion objective, lower is better: mean over series of CRPS/CRPS_naive (``relative_crps``, one
+    minus the CRPS skill), of MSE/MSE_naive (``relative_mse``) or of MASE (``mase``)."""
+    column = {"relative_crps": "crps_ratio", "relative_mse": "relative_mse", "mase": "mase"}.get(name)
     if column is None:
-        raise ValueError(f"unknown objective {name!r}; expected relative_mse, crps_skill or mase")
+        raise ValueError(f"unknown objective {name!r}; expected relative_crps, relative_mse or mase")
     values = per_series[column]
     finite = np.isfinite(values)
     return float(values[finite].mean()) if finite.any() else float("nan")
@@ -122,7 +122,7 @@ def step_losses(name: str, actual, prediction, sigma, reference_loss: Float[np.n
     losses of different series are comparable (input of the Diebold–Mariano promotion test)."""
     if name == "relative_mse":
         raw = (actual - prediction) ** 2
-    elif name == "crps_skill":
+    elif name == "relative_crps":
         raw = gaussian_crps(actual, prediction, sigma)
     elif name == "mase":
         raw = np.abs(actual - prediction)

@@ -18,7 +18,6 @@ _SECTION_DOCS = {
     "backtest": "Walk-forward evaluation (SPEC 4).",
     "promotion": "Champion/challenger promotion gate (SPEC 6).",
     "mutation_policy": "Guards of the config mutation (SPEC 6). Locked keys are never changed by promotion.",
-    "snapshot": "Predictor state snapshots (SPEC 3.11).",
     "audit": "Audit trail of config mutations (SPEC 6).",
     "meta_optimization": "Optuna campaigns (SPEC 5): control keys and the search range of every tunable field.",
 }

@@ -79,7 +79,6 @@ FIELDS: tuple[Field, ...] = (
     _i("core", "schema_version", 1, 1, 1, "Version of this configuration schema.", locked=True),
     _i("core", "seed", 42, 0, 2**31 - 1, "Root PRNG seed of the predictor and of the Optuna sampler.", locked=True),
     _s("core", "dtype", "float64", ("float64", "float32"), "Floating dtype of the predictor.", static=True, locked=True),
-    _s("core", "platform", "auto", ("auto", "cpu", "gpu"), "JAX backend; auto uses a GPU when JAX sees one.", locked=True),
     _s("core", "compile_cache_dir", "dagster_home/jax_cache", None,
        "JAX persistent compilation cache (relative to the repository root); empty disables it.", locked=True),
     _f("core", "interval_level", 0.95, 0.5, 0.999, "Central predictive interval level of lower/upper."),
@@ -87,11 +86,11 @@ FIELDS: tuple[Field, ...] = (
     _i("core", "base_min_signal_length", 64, 32, 512,
        "Kernel window length n; also the minimum history before the first forecast.", static=True),
     _f("core", "calibration_alpha", 0.02, 0.001, 0.5,
-       "EMA rate of the squared standardised fused residual: the long-run level of the GARCH calibration factor."),
-    _f("core", "calibration_persistence", 0.95, 0.0, 0.999,
+       "Step size of the coverage tracker: log of the interval scale moves by this times (missed - (1 - level))."),
+    _f("core", "calibration_persistence", 0.9, 0.0, 0.999,
        "Persistence a + b of the GARCH(1,1) calibration factor of the fused sigma (< 1: stationary by construction).",
-       tier="fast", search_low=0.8, search_high=0.99),
-    _f("core", "calibration_reaction", 0.1, 0.0, 1.0,
+       tier="fast", search_low=0.5, search_high=0.99),
+    _f("core", "calibration_reaction", 0.05, 0.0, 1.0,
        "Share a / (a + b) of the persistence that reacts to the newest squared residual (the GARCH alpha).",
        tier="fast", search_low=0.02, search_high=0.3),
     # -- orchestration: fusion (SPEC 3.5) --------------------------------------------------------------
@@ -109,6 +108,8 @@ FIELDS: tuple[Field, ...] = (
     _s("orchestration", "fusion_loss", "crps", ("crps", "gaussian_nll", "squared"),
        "Per-expert loss scored on each observation (crps: Gaussian CRPS over the window scale).", static=True),
     _f("orchestration", "fusion_temperature", 0.02, 1e-3, 100.0, "Temperature of the Gibbs target softmax(-L / T)."),
+    _f("orchestration", "scale_temperature", 0.02, 1e-3, 100.0,
+       "Temperature of the sigma pool's weights softmax(-L_sigma / T) over the candidate sigmas' CRPS."),
     _f("orchestration", "jko_learning_rate", 10.0, 1e-4, 100.0,
        "Base rate tau of the entropic JKO step: the weights move toward softmax(-L / (T + eps / tau)).",
        tier="deep", log=True, search_low=0.05, search_high=20.0),
@@ -146,7 +147,6 @@ FIELDS: tuple[Field, ...] = (
     _f("orchestration", "stiffness_c1", 25.0, 0.0, 1e4, "theta_L = max(stiffness_low, c1 / (1 - H)^2)."),
     _f("orchestration", "stiffness_c2", 250.0, 0.0, 1e5, "theta_H = max(stiffness_high, c2 / (1 - H)^2)."),
     _f("orchestration", "entropy_scaling_trigger", 2.0, 1.0, 100.0, "DGM entropy ratio above which capacity scales up."),
-    _f("orchestration", "dgm_capacity_beta", 0.7, 0.0, 2.0, "Exponent of the DGM capacity scaling."),
     _i("orchestration", "mode_collapse_min_threshold", 10, 1, 10_000, "Minimum consecutive collapsed steps before a warning."),
     _f("orchestration", "mode_collapse_window_ratio", 0.1, 0.0, 1.0, "Warning after window * ratio collapsed steps."),
     # -- ingestion gate (SPEC 3.7) ---------------------------------------------------------------------
@@ -237,12 +237,13 @@ FIELDS: tuple[Field, ...] = (
        "EWMA rate of the long-mean anchor's conditional variance (RiskMetrics: 0.06 for daily data)."),
     # -- validation --------------------------------------------------------------------------------------
     _f("validation", "validation_simplex_atol", 1e-6, 1e-14, 1e-2, "Sinkhorn converged when max marginal error <= this."),
-    _f("validation", "validation_viscosity_residual_max", 0.05, 1e-8, 10.0, "Largest acceptable mean DGM PDE residual."),
     # -- backtest (SPEC 4) -------------------------------------------------------------------------------
     _s("backtest", "window", "expanding", ("expanding", "rolling"), "Walk-forward training window."),
     _i("backtest", "embargo", 0, 0, 10_000, "Steps left out between the train and test segments."),
     _i("backtest", "max_memory", 0, 0, 10**7, "Longest train segment of a rolling window; 0 means unlimited."),
-    _s("backtest", "objective", "relative_mse", ("relative_mse", "crps_skill", "mase"), "Tuning and promotion objective (lower is better)."),
+    _s("backtest", "objective", "relative_crps", ("relative_crps", "relative_mse", "mase"),
+       "Tuning and promotion objective, lower is better: mean over series of CRPS / CRPS of the naive forecast "
+       "(the proper score of a probabilistic forecast), of MSE / naive MSE, or MASE."),
     # -- promotion (SPEC 6) ------------------------------------------------------------------------------
     _f("promotion", "min_improvement", 0.005, 0.0, 1.0, "Relative objective improvement a challenger needs."),
     _f("promotion", "promotion_alpha", 0.05, 1e-6, 0.5, "Significance level of the one-sided Diebold-Mariano test."),
@@ -252,9 +253,7 @@ FIELDS: tuple[Field, ...] = (
     _f("mutation_policy", "max_relative_change", 1.0, 0.0, 100.0,
        "Largest relative change of a continuous parameter in one promotion.", locked=True),
     Field("mutation_policy", "locked_keys", "list", (), "Keys never mutated, in addition to those the schema locks.", locked=True),
-    # -- snapshots and audit (SPEC 3.11, 6) --------------------------------------------------------------
-    _s("snapshot", "snapshot_dir", "dagster_home/snapshots", None, "Directory of predictor state snapshots.", locked=True),
-    _i("snapshot", "snapshot_keep", 5, 1, 1000, "Snapshots kept per predictor.", locked=True),
+    # -- audit (SPEC 6) --------------------------------------------------------------
     _s("audit", "audit_log", "audit/mutations.jsonl", None, "Append-only, hash-chained mutation audit log.", locked=True),
     # -- meta optimisation control (SPEC 5); search ranges are generated below ---------------------------
     _i("meta_optimization", "n_trials", 50, 1, 100_000, "Total trial budget of a campaign.", locked=True),

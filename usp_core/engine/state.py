@@ -58,14 +58,16 @@ class FusionState(eqx.Module):
 
     forecast: Float[Array, ""]  # y_hat_{t+1|t}
     forecast_sigma: Float[Array, ""]  # calibrated predictive sigma of the fused forecast
-    mixture_sigma: Float[Array, ""]  # uncalibrated mixture std (the calibration factor scales it)
+    mixture_sigma: Float[Array, ""]  # std of the weighted mixture (one of the candidate sigmas)
     weights: Float[Array, " k"]
     potentials: Float[Array, "2 k"]  # JKO dual potentials (f, g), warm start of the next step
     kernel_loss: Float[Array, " k"]  # EMA of per-expert losses since the last regime change
     loss_mass: Float[Array, ""]  # the EMA's total weight: L in SPEC 3.5 is kernel_loss / loss_mass
     ema_variance: Float[Array, ""]  # v_t
-    calibration_z2: Float[Array, ""]  # slow EMA of (e / mixture_sigma)^2: long-run level of the GARCH factor
-    garch_variance: Float[Array, ""]  # GARCH(1,1) recursion on (e / mixture_sigma)^2 (SPEC §3.12)
+    scale_loss: Float[Array, " k1"]  # EMA of the candidate sigmas' CRPS (experts, then the mixture), same mass
+    pooled_sigma: Float[Array, ""]  # scale-weighted candidate sigma, before the interval scale and GARCH factor
+    log_interval_scale: Float[Array, ""]  # log c of the coverage tracker
+    garch_variance: Float[Array, ""]  # GARCH(1,1) factor g on (e / (pooled_sigma c))^2 (SPEC §3.12)
     cusum_g_plus: Float[Array, ""]
     cusum_g_minus: Float[Array, ""]
     cusum_h: Float[Array, ""]
@@ -151,6 +153,7 @@ class StepOutput(NamedTuple):
     gap: Bool[Array, ""]
     frozen: Bool[Array, ""]
     weights: Float[Array, " k"]  # expert order: usp_core.kernels.EXPERT_NAMES
+    scale_weights: Float[Array, " k1"]  # weights of the candidate sigmas: the experts', then the mixture's
     kernel_predictions: Float[Array, " k"]
     kernel_sigmas: Float[Array, " k"]
     expert_failed: Bool[Array, " k"]  # non-finite output, excluded from this step's mixture (SPEC §3.13)

@@ -31,7 +31,8 @@ from usp_core.engine.state import (
 from usp_core.kernels import EXPERTS, KERNELS, SIGNATURE_INDEX
 
 NUM_KERNELS = len(KERNELS)
-_CALIBRATION_Z2_CAP = 100.0  # one wild residual may widen the interval, not blow it up
+_CALIBRATION_Z2_CAP = 9.0  # a residual beyond 3 sigma counts as 3 sigma: one spike must not triple the next interval
+_LOG_INTERVAL_SCALE_BOUND = 3.0  # the coverage tracker may scale the interval by e^-3 .. e^3, not run away
 CADENCE_RATE = 0.1  # EMA rate of a series' typical interval (staleness relative to its own cadence)
 EXPERT_ENVELOPE = 100.0
 """An expert output further than this many window scales from the window mean (or sigma above it) is a failure."""
@@ -113,6 +114,13 @@ def _mixture_weights(weights, expert_ok) -> Float[Array, " k"]:
                      expert_ok.astype(dtype) / jnp.maximum(jnp.sum(expert_ok), 1).astype(dtype))
 
 
+def _scale_weights(scale_loss, loss_mass, rate, params, expert_ok) -> Float[Array, " k1"]:
+    """Gibbs weights of the candidate sigmas (experts', then the mixture's) from their bias-corrected mean CRPS; a
+    failed expert's sigma is left out."""
+    target = fusion.gibbs_target(scale_loss / jnp.maximum(loss_mass, rate), params["scale_temperature"])
+    return _mixture_weights(target, jnp.append(expert_ok, True))
+
+
 def _zero_telemetry() -> Telemetry:
     return Telemetry(*([jnp.zeros((), jnp.int64)] * len(Telemetry._fields)))
 
@@ -159,7 +167,8 @@ def fusion_init(kernel: KernelState, static, params) -> FusionState:
     return FusionState(
         forecast=forecast, forecast_sigma=mixture_sigma, mixture_sigma=mixture_sigma, weights=weights,
         potentials=jnp.zeros((2, NUM_EXPERTS), dtype), kernel_loss=jnp.zeros((NUM_EXPERTS,), dtype), loss_mass=zero_f,
-        ema_variance=ema_variance, calibration_z2=jnp.ones((), dtype), garch_variance=jnp.ones((), dtype),
+        ema_variance=ema_variance, scale_loss=jnp.zeros((NUM_EXPERTS + 1,), dtype), pooled_sigma=mixture_sigma,
+        log_interval_scale=zero_f, garch_variance=jnp.ones((), dtype),
         cusum_g_plus=zero_f, cusum_g_minus=zero_f,
         cusum_h=cusum.cusum_threshold(params["kurtosis_reference"], params["cusum_h"], params["kurtosis_reference"]),
         grace=zero_i, z_window=jnp.zeros((static.residual_window_size,), dtype), z_count=zero_i,
@@ -175,6 +184,7 @@ def _initial_output(kernel: KernelState, fused: FusionState, params) -> StepOutp
     zero_f, false, nan = jnp.zeros((), dtype), jnp.asarray(False), jnp.full((), jnp.nan, dtype)
     return _output(fused, params, predictions=kernel.kernel_predictions, sigmas=kernel.kernel_sigmas,
                    expert_ok=kernel.expert_ok, weights=_mixture_weights(fused.weights, kernel.expert_ok),
+                   scale_weights=_mixture_weights(jnp.ones((NUM_EXPERTS + 1,), dtype), jnp.append(kernel.expert_ok, True)),
                    holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, collapsed=kernel.mode_collapse,
                    degraded=kernel.degraded,
                    frozen=kernel.frozen, rejected=false, regime_change=false, outlier=false, stale=false, gap=false,
@@ -189,7 +199,7 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
     return PredictorState(kernel, fused), _initial_output(kernel, fused, params)
 
 
-def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, holder, entropy, collapsed, degraded, frozen, rejected,
+def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, scale_weights, holder, entropy, collapsed, degraded, frozen, rejected,
             regime_change, outlier, stale, gap, free_energy, converged, sinkhorn_error, residual, z_score,
             collapse_warning) -> StepOutput:
     half_width = _interval_z(params) * f.forecast_sigma
@@ -197,7 +207,7 @@ def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, 
         prediction=f.forecast, lower=f.forecast - half_width, upper=f.forecast + half_width, sigma=f.forecast_sigma,
         mode=gate.operating_mode(f.emergency, degraded), regime_change=regime_change, degraded=degraded,
         emergency=f.emergency, rejected=rejected, outlier=outlier, stale=stale, gap=gap, frozen=frozen,
-        weights=weights, kernel_predictions=predictions, kernel_sigmas=sigmas, expert_failed=~expert_ok,
+        weights=weights, scale_weights=scale_weights, kernel_predictions=predictions, kernel_sigmas=sigmas, expert_failed=~expert_ok,
         epsilon=f.epsilon,
         cusum_h=f.cusum_h, cusum_g_plus=f.cusum_g_plus, cusum_g_minus=f.cusum_g_minus, kurtosis=f.kurtosis,
         holder_exponent=holder, dgm_entropy=entropy, free_energy=free_energy, sinkhorn_converged=converged,
@@ -273,7 +283,6 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     # 2. residual against the forecast made before y was seen (SPEC §12.5)
     residual = tr.value - f.forecast
     z = residual / f.forecast_sigma
-    z_raw = residual / f.mixture_sigma
 
     # 3. volatility
     alpha = params["volatility_alpha"]
@@ -331,15 +340,28 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     # 6. calibrated mixture of the experts' forecasts of y_{t+1}; a failed expert is left out (SPEC §3.13)
     mixture_weights = _mixture_weights(weights, tr.expert_ok)
     forecast, mixture_sigma = _mixture(mixture_weights, tr.predictions, tr.sigmas)
-    # GARCH(1,1) on the standardised residual u = e / mixture sigma (SPEC §3.12), its long-run level the slow EMA of
-    # u^2: c^2' = (1 - p) level + a u^2 + (p - a) c^2 with a = reaction * p, stationary for any p < 1.
-    u2 = jnp.minimum(z_raw**2, _CALIBRATION_Z2_CAP)
-    beta = params["calibration_alpha"]
-    calibration_z2 = (1 - beta) * f.calibration_z2 + beta * u2
+    # The sigma is pooled separately from the mean (SPEC §3.12): the candidates are the experts' sigmas and the
+    # mixture's, each scored by the CRPS it would have given the fused forecast, so an expert with a poor mean
+    # but a good volatility model lends its sigma without moving the mean.
+    prev_scales = jnp.append(tr.prev_sigmas, f.mixture_sigma)
+    scale_step_losses = fusion.gaussian_crps(tr.value, f.forecast, prev_scales) / tr.increment_scale
+    scale_loss = jnp.where(cu.regime_change, 0.0, (1 - rate) * f.scale_loss + rate * scale_step_losses)
+    scale_weights = _scale_weights(scale_loss, loss_mass, rate, params, tr.expert_ok)
+    pooled_sigma = jnp.sum(scale_weights * jnp.where(jnp.append(tr.expert_ok, True), jnp.append(tr.sigmas, mixture_sigma), 0.0))
+    # Interval scale c by coverage tracking (adaptive conformal inference, Gibbs & Candes 2021): log c rises by
+    # eta (1 - level) when the interval missed and falls by eta level otherwise, so the long-run miss rate is
+    # 1 - level whatever the tails; an RMS calibration would over-widen heavy-tailed series.
+    level = params["interval_level"]
+    missed = (jnp.abs(residual) > _interval_z(params) * f.forecast_sigma).astype(dtype)
+    log_interval_scale = jnp.clip(f.log_interval_scale + params["calibration_alpha"] * (missed - (1 - level)),
+                                  -_LOG_INTERVAL_SCALE_BOUND, _LOG_INTERVAL_SCALE_BOUND)
+    # GARCH(1,1) factor g on u = e / (pooled sigma c) with long-run level 1 (SPEC §3.12):
+    # g' = (1 - p) + a u^2 + (p - a) g with a = reaction * p, stationary for any p < 1.
+    u2 = jnp.minimum((residual / (f.pooled_sigma * jnp.exp(f.log_interval_scale))) ** 2, _CALIBRATION_Z2_CAP)
     persistence = params["calibration_persistence"]
     reaction = params["calibration_reaction"] * persistence
-    garch_variance = (1 - persistence) * calibration_z2 + reaction * u2 + (persistence - reaction) * f.garch_variance
-    forecast_sigma = mixture_sigma * jnp.sqrt(garch_variance)
+    garch_variance = (1 - persistence) + reaction * u2 + (persistence - reaction) * f.garch_variance
+    forecast_sigma = pooled_sigma * jnp.exp(log_interval_scale) * jnp.sqrt(garch_variance)
 
     # 7. adaptive layer for the next step
     collapse_streak = jnp.where(tr.mode_collapse, f.collapse_streak + 1, 0).astype(jnp.int64)
@@ -352,7 +374,8 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     accepted = FusionState(
         forecast=forecast, forecast_sigma=forecast_sigma, mixture_sigma=mixture_sigma, weights=weights,
         potentials=jko_result.potentials, kernel_loss=kernel_loss, loss_mass=loss_mass, ema_variance=ema_variance,
-        calibration_z2=calibration_z2, garch_variance=garch_variance, cusum_g_plus=cu.g_plus,
+        scale_loss=scale_loss, pooled_sigma=pooled_sigma, log_interval_scale=log_interval_scale,
+        garch_variance=garch_variance, cusum_g_plus=cu.g_plus,
         cusum_g_minus=cu.g_minus, cusum_h=cusum_h, grace=cu.grace,
         z_window=f.z_window.at[f.z_count % r].set(z), z_count=f.z_count + 1, kurtosis=kurtosis,
         volatility=volatility, epsilon=epsilon, emergency=emergency, collapse_streak=collapse_streak,
@@ -373,7 +396,9 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     )
     new = eqx.tree_at(lambda s: s.telemetry, new, telemetry)
     out = _output(new, params, predictions=tr.predictions, sigmas=tr.sigmas, expert_ok=tr.expert_ok,
-                  weights=jnp.where(rejected, new.weights, mixture_weights), holder=tr.holder_exponent,
+                  weights=jnp.where(rejected, new.weights, mixture_weights),
+                  scale_weights=_scale_weights(new.scale_loss, new.loss_mass, rate, params, tr.expert_ok),
+                  holder=tr.holder_exponent,
                   entropy=tr.dgm_entropy, collapsed=tr.mode_collapse, degraded=tr.degraded, frozen=tr.frozen, rejected=rejected,
                   regime_change=regime_change, outlier=tr.outlier, stale=tr.stale, gap=tr.gap,
                   free_energy=jko_result.free_energy, converged=jko_result.converged,

@@ -55,8 +55,6 @@ def test_anchor_experts_are_the_last_value_and_the_long_mean(small_config):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="SPEC §3.12 acceptance not met yet: calm-half coverage 0.923 (turbulent 0.956) "
-                   "with the default calibration; no persistence/reaction/alpha setting tried reached 0.93")
 def test_garch_calibration_covers_calm_and_turbulent_halves(small_config):
     """Simulated GARCH(1,1) returns: 95 % interval coverage within +-2 points of nominal both where the true
     conditional variance is below its median (calm) and above it (turbulent). The true variance path is

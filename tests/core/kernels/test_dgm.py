@@ -150,10 +150,10 @@ def test_float32_network_agrees_with_float64(small_cfg, series):
 @pytest.mark.slow
 def test_gbm_solution_matches_closed_form():
     """Acceptance (SPEC §3.4 B): with the true GBM coefficients mu(x) = mu x, sigma(x) = sigma x the trained
-    V(0, x) matches x exp(mu T) within 2% on the sampled domain and the PDE residual is below
-    validation_viscosity_residual_max. A small network (width 16, depth 2) keeps the test fast."""
+    V(0, x) matches x exp(mu T) within 2% on the sampled domain and the mean PDE residual is below 0.05
+    (SPEC §3.4's acceptance figure). A small network (width 16, depth 2) keeps the test fast."""
     mu, sigma, low, high, width, depth = 0.3, 0.3, 0.5, 2.0, 16, 2
-    residual_max = PredictorConfig.default()["validation.validation_viscosity_residual_max"]
+    residual_max = 0.05
     skeleton = dgm.network_skeleton(width, depth, "tanh")
 
     def coefficients(x):
