@@ -136,8 +136,9 @@ def test_scale_shift_equivariance_and_determinism():
     ("kernels.kernel_c_alpha", 1.5, {}),
     ("kernels.kernel_c_beta", 0.7, {"kernels.kernel_c_alpha": 1.5}),
     ("kernels.kernel_c_jump_intensity", 1.0, {}),
-    ("kernels.kernel_c_jump_mean", 0.5, {}),
-    ("kernels.kernel_c_jump_scale", 2.0, {}),
+    # the jump sizes matter only on paths with a jump: make them arrive
+    ("kernels.kernel_c_jump_mean", 0.5, {"kernels.kernel_c_jump_intensity": 1.0}),
+    ("kernels.kernel_c_jump_scale", 2.0, {"kernels.kernel_c_jump_intensity": 1.0}),
     ("kernels.sde_numel_integrations", 50, {}),
     ("kernels.kernel_c_num_paths", 48, {}),
     ("kernels.kernel_c_max_events", 1, {"kernels.kernel_c_jump_intensity": 3.0}),
