@@ -28,3 +28,9 @@ def duckdb_path(path: str | os.PathLike[str] | None = None) -> Path:
     """``path``, else ``$USP_DUCKDB_PATH``, else ``usp.duckdb`` under ``$DAGSTER_HOME``."""
     return Path(path or os.environ.get("USP_DUCKDB_PATH") or dagster_home() / "usp.duckdb").absolute()
 
+
+
+def incoming_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """``path``, else ``$USP_INCOMING_DIR``, else ``data/incoming`` under the project root: the folder the file
+    sensor watches."""
+    return Path(path or os.environ.get("USP_INCOMING_DIR") or project_root() / "data" / "incoming").absolute()

@@ -8,15 +8,21 @@ series, a few trials), passed as resource config; the defaults of the pipeline a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 DEMO_SERIES = 2
 DEMO_LENGTH = 240
 DEMO_TRIALS = 3
 INCOMING_ROWS = 80
+DEFINITIONS_MODULE = "usp_pipeline.definitions"
+POLL_SECONDS = 1.0
 
 
 def _resources_config(series: int, length: int, trials: int, incoming: Path) -> dict:
@@ -62,54 +68,52 @@ def write_sample_file(incoming: Path, series: int) -> Path:
     return target
 
 
-def run_demo(series: int = DEMO_SERIES, length: int = DEMO_LENGTH, trials: int = DEMO_TRIALS) -> dict:
+def run_demo(series: int = DEMO_SERIES, length: int = DEMO_LENGTH, trials: int = DEMO_TRIALS,
+             timeout: float = 900.0) -> dict:
+    """The demo as production runs it: a Dagster daemon on the instance, ``daily_pipeline`` launched through the
+    instance's run coordinator and launcher (the job's multiprocess executor), then a file dropped into the
+    incoming folder for ``incoming_files_sensor`` to pick up. Job pages, the sensor's tick history and the
+    Overview timeline of ``dagster dev`` show these runs."""
     import dagster as dg
 
-    from usp_core.paths import dagster_home
-    from usp_pipeline.definitions import defs
-    from usp_pipeline.defs.common.resources import WorkloadResource
+    from usp_core.inference import PredictionStore
+    from usp_core.paths import dagster_home, duckdb_path, project_root
+    from usp_pipeline.defs.inference.sensors import file_sha256
 
     os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").absolute()))
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
-    instance = dg.DagsterInstance.get()
-    incoming = Path("data/incoming").absolute()
+    incoming = Path(os.environ.setdefault("USP_INCOMING_DIR", str(project_root() / "data" / "incoming"))).absolute()
     run_config = {"resources": _resources_config(series, length, trials, incoming)}
     started = time.monotonic()
 
-    from usp_core.inference import PredictionStore
-
-    store = PredictionStore(defs.resources["duckdb"].database_path())
+    store = PredictionStore(duckdb_path())
     print(f"[0/3] ingesting {series} bundled series into the observation store {store.path} ...", flush=True)
     appended = seed_store(store, series)
     print(f"      {appended} observations appended ({'first run' if appended else 'already stored'})", flush=True)
-    print(f"[1/3] daily_pipeline on the store's {series} series x newest {length} points, {trials} fast trials ...",
-          flush=True)
-    daily = defs.resolve_job_def("daily_pipeline").execute_in_process(instance=instance, run_config=run_config)
-    values = {name: _materialized_metadata(daily, name) for name in
-              ("champion_backtest", "fast_tuning_campaign", "promotion_decision", "champion_config")}
 
-    print("[2/3] dropping a sample file into data/incoming/ and evaluating incoming_files_sensor ...", flush=True)
-    sample = write_sample_file(incoming, series)
-    sensor = defs.resolve_sensor_def("incoming_files_sensor")
-    ctx = dg.build_sensor_context(instance=instance,
-                                  resources={"workload": WorkloadResource(incoming_dir=str(incoming))})
-    tick = sensor.evaluate_tick(ctx)
-    inference_job = defs.resolve_job_def("inference_job")
-    launched = 0
-    for request in tick.run_requests:
-        if instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": request.run_key}), limit=1):
-            continue  # the daemon would skip a run_key it has already launched
-        inference_job.execute_in_process(instance=instance, run_config=request.run_config,
-                                         tags={**request.tags, "dagster/run_key": request.run_key})
-        launched += 1
+    instance = dg.DagsterInstance.get()
+    log_path = home / "demo" / "daemon.log"  # not logs/: Dagster manages that folder
+    with _daemon(log_path):
+        print(f"[1/3] daily_pipeline on the store's {series} series x newest {length} points, {trials} fast trials, "
+              f"launched through the instance (daemon log: {log_path}) ...", flush=True)
+        daily_id = _launch("daily_pipeline", run_config)
+        _wait_for_run(instance, daily_id, timeout, log_path)
+
+        print(f"[2/3] dropping a sample file into {incoming} for incoming_files_sensor ...", flush=True)
+        sample = write_sample_file(incoming, series)
+        sha = file_sha256(sample)
+        inference_ids = _wait_for_sensor_runs(instance, sha, timeout, log_path)
+        _wait_until_idle(instance, timeout)
 
     print("[3/3] summary", flush=True)
     summary = {
         "seconds": round(time.monotonic() - started, 1),
-        **values,
+        **{name: _latest_metadata(instance, name) for name in
+           ("champion_backtest", "fast_tuning_campaign", "promotion_decision", "champion_config")},
+        "daily_run": daily_id,
+        "inference_runs": inference_ids,
         "sample_file": str(sample),
-        "inference_runs": launched,
         "observations_rows": store.count("observations"),
         "predictions_rows": store.count("predictions"),
         "quarantine_rows": store.count("quarantine"),
@@ -119,14 +123,86 @@ def run_demo(series: int = DEMO_SERIES, length: int = DEMO_LENGTH, trials: int =
     return summary
 
 
-def _materialized_metadata(result, asset: str) -> dict:
+@contextlib.contextmanager
+def _daemon(log_path: Path):
+    """``dagster-daemon run`` on the instance for the duration of the block (run queue, sensors, monitoring)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([_bin("dagster-daemon"), "run", "-m", DEFINITIONS_MODULE], stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _launch(job: str, run_config: dict) -> str:
+    """Submit ``job`` through the instance's run coordinator, as the UI's Launch button does; returns the run id."""
+    run_id = str(uuid.uuid4())
+    subprocess.run([_bin("dagster"), "job", "launch", "-m", DEFINITIONS_MODULE, "-j", job, "--run-id", run_id,
+                    "--config-json", json.dumps(run_config)], check=True, capture_output=True, text=True)
+    return run_id
+
+
+def _wait_for_run(instance, run_id: str, timeout: float, log_path: Path):
     import dagster as dg
 
-    for event in result.get_asset_materialization_events():
-        if event.asset_key == dg.AssetKey(asset):
-            return {k: v.value for k, v in event.materialization.metadata.items()
-                    if isinstance(v.value, int | float | str | bool) and len(str(v.value)) < 200}
-    return {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.is_finished:
+            if run.status != dg.DagsterRunStatus.SUCCESS:
+                raise RuntimeError(f"run {run_id} of {run.job_name} ended {run.status.value}; see the Dagster UI "
+                                   f"or {log_path}")
+            return run
+        time.sleep(POLL_SECONDS)
+    raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f} s; see {log_path}")
+
+
+def _wait_for_sensor_runs(instance, sha: str, timeout: float, log_path: Path) -> list[str]:
+    """Waits for the sensor's run of the file with content ``sha`` (its run key) and for that run to finish."""
+    import dagster as dg
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": sha}))
+        if runs:
+            for run in runs:
+                _wait_for_run(instance, run.run_id, max(deadline - time.monotonic(), 1.0), log_path)
+            return [run.run_id for run in runs]
+        time.sleep(POLL_SECONDS)
+    raise TimeoutError(f"incoming_files_sensor launched no run within {timeout:.0f} s; see {log_path}")
+
+
+def _wait_until_idle(instance, timeout: float) -> None:
+    """Lets runs requested by other sensors (e.g. the champion refresh after a promotion) finish before the daemon
+    that launched them stops."""
+    import dagster as dg
+
+    active = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED]
+    deadline = time.monotonic() + timeout
+    while instance.get_runs(filters=dg.RunsFilter(statuses=active), limit=1) and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+
+
+def _latest_metadata(instance, asset: str) -> dict:
+    import dagster as dg
+
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()
+            if isinstance(v.value, int | float | str | bool) and len(str(v.value)) < 200}
 
 
 def _print_summary(summary: dict, home: Path) -> None:
@@ -138,15 +214,19 @@ def _print_summary(summary: dict, home: Path) -> None:
     lines = [
         "",
         f"USP demo finished in {summary['seconds']} s",
-        f"  champion backtest   config {bt.get('config_version')}: objective {bt.get('objective')}, "
-        f"coverage {bt.get('coverage')}",
-        f"  fast tuning         {tune.get('trials_complete')} trials, best value {tune.get('best_value')}"
+        f"  champion backtest   config {bt.get('config_version')}: objective {bt.get('objective')} (lower is better), "
+        f"CRPS skill vs naive {bt.get('crps_skill_vs_naive')}, 95 % coverage {bt.get('coverage_of_95pct_interval')} "
+        "(tuning folds)",
+        f"  fast tuning         {tune.get('trials_complete')} trials, best objective {tune.get('best_value')}, "
+        f"base config {tune.get('base_config_value')} (tuning folds)"
         f"  (MLflow: {tune.get('mlflow_run', 'n/a')})",
         f"  promotion gate      {gate.get('reason')}",
         f"  champion config     {champ.get('config_version')} (promoted: {champ.get('promoted')})",
+        f"  Dagster runs        daily_pipeline {summary['daily_run']}, inference_job {', '.join(summary['inference_runs'])}",
         f"  observation store   {summary['observations_rows']} rows (`usp ingest FILE|DIR` adds yours)",
         f"  predictions         {summary['predictions_rows']} rows in {summary['duckdb']} "
-        f"({summary['quarantine_rows']} quarantined rows, {summary['inference_runs']} inference run(s))",
+        f"({summary['quarantine_rows']} quarantined rows, {len(summary['inference_runs'])} inference run(s) "
+        "launched by incoming_files_sensor)",
         "",
         "Open the Dagster UI (assets, lineage, runs, metadata):",
         f"  DAGSTER_HOME={home} .venv/bin/dagster dev -m usp_pipeline.definitions   # or: dg dev",

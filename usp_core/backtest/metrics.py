@@ -106,6 +106,13 @@ def relative_to(metrics: dict[str, np.ndarray], reference: dict[str, np.ndarray]
         }
 
 
+OBJECTIVE_DESCRIPTIONS = {
+    "relative_crps": "mean over series of CRPS / CRPS of the naive forecast (1 - CRPS skill); lower is better, 1 = naive",
+    "relative_mse": "mean over series of MSE / MSE of the naive forecast; lower is better, 1 = naive",
+    "mase": "mean over series of MAE / in-sample naive MAE (MASE); lower is better",
+}
+
+
 def objective_value(name: str, per_series: dict[str, np.ndarray]) -> float:
     """Tuning/promotion objective, lower is better: mean over series of CRPS/CRPS_naive (``relative_crps``, one
     minus the CRPS skill), of MSE/MSE_naive (``relative_mse``) or of MASE (``mase``)."""

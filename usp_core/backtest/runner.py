@@ -20,6 +20,7 @@ from usp_core.backtest import baselines as bl
 from usp_core.backtest import metrics as mx
 from usp_core.backtest.splits import Fold, select_folds, walk_forward_split
 from usp_core.config import PredictorConfig
+from usp_core.engine.gate import MODE_NAMES
 from usp_core.kernels import KERNEL_NAMES
 
 USP = "usp"
@@ -194,7 +195,7 @@ def _usp_diagnostics(out, mask: np.ndarray) -> dict[str, np.ndarray]:
     count = np.maximum(mask.sum(axis=1), 1)
     mode = np.asarray(out.mode)
     diagnostics = {"regime_changes": np.where(mask, np.asarray(out.regime_change, dtype=bool), False).sum(axis=1).astype(np.float64)}
-    for value, name in ((0, "inference"), (1, "calibration"), (2, "diagnostic")):
+    for value, name in enumerate(MODE_NAMES):
         diagnostics[f"mode_{name}"] = np.where(mask, mode == value, False).sum(axis=1) / count
     diagnostics["rejected_fraction"] = np.where(mask, np.asarray(out.rejected, dtype=bool), False).sum(axis=1) / count
     return diagnostics

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 MODE_INFERENCE, MODE_DEGRADED, MODE_EMERGENCY = 0, 1, 2
+MODE_NAMES = ("inference", "degraded", "emergency")  # by StepOutput.mode
 _MAD_TO_STD = 1.4826
 
 

@@ -18,6 +18,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from usp_core.engine.gate import MODE_NAMES
 from usp_core.paths import duckdb_path
 
 LOCK_TIMEOUT_S = 60.0
@@ -86,23 +87,21 @@ CREATE TABLE IF NOT EXISTS processed_files (
 );
 """
 
-MODE_NAMES = ("inference", "degraded", "emergency")  # StepOutput.mode 0, 1, 2
-
-
 def scored_predictions_sql(expert_names: Sequence[str]) -> str:
     """A view of ``predictions`` with what a user reads: the time each forecast is for and its realised value
-    (the next stored observation of the series, once it arrives), the error, whether the interval covered it,
-    the mode by name and the experts the weights belong to."""
+    (the next stored observation of the series, once it arrives), the error and the naive forecast's (the value
+    at the origin), whether the interval covered it, the mode by name and the experts the weights belong to."""
     modes = " ".join(f"WHEN {i} THEN '{name}'" for i, name in enumerate(MODE_NAMES))
     experts = ", ".join(f"'{name}'" for name in expert_names)
     return f"""
 CREATE OR REPLACE VIEW scored_predictions AS
 SELECT p.series_id, p.ts AS origin_ts, o.ts AS target_ts, p.horizon, p.config_version,
        p.prediction, p.lower, p.upper, p.sigma, o.value AS realised, o.value - p.prediction AS error,
-       o.value BETWEEN p.lower AND p.upper AS covered,
+       o.value - origin.value AS naive_error, o.value BETWEEN p.lower AND p.upper AS covered,
        CASE p.mode {modes} END AS mode_name, p.flags, [{experts}] AS experts, p.weights,
        p.dagster_run_id, p.created_at
 FROM predictions p ASOF LEFT JOIN observations o ON p.series_id = o.series_id AND o.ts > p.ts
+LEFT JOIN observations origin ON origin.series_id = p.series_id AND origin.ts = p.ts
 """
 
 
@@ -275,6 +274,24 @@ class PredictionStore:
             raise ValueError(f"unknown table {table!r}")
         with self.connect() as con:
             return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    def live_accuracy(self) -> pd.DataFrame:
+        """Per series and config version, the live forecasts whose target has been observed: how many, mean CRPS
+        (Gaussian, from the stored sigma), MAE, MAE relative to the naive last value, interval coverage."""
+        from usp_core.backtest.metrics import gaussian_crps
+
+        with self.connect() as con:
+            scored = con.execute(
+                "SELECT series_id, config_version, prediction, sigma, realised, error, naive_error, covered "
+                "FROM scored_predictions WHERE realised IS NOT NULL").df()
+        scored["crps"] = gaussian_crps(scored["realised"].to_numpy(), scored["prediction"].to_numpy(),
+                                       scored["sigma"].to_numpy())
+        scored["abs_error"], scored["naive_abs_error"] = scored["error"].abs(), scored["naive_error"].abs()
+        out = scored.groupby(["series_id", "config_version"]).agg(
+            scored=("crps", "size"), crps=("crps", "mean"), mae=("abs_error", "mean"),
+            naive_mae=("naive_abs_error", "mean"), coverage=("covered", "mean")).reset_index()
+        out["relative_mae"] = out["mae"] / out["naive_mae"]
+        return out
 
     def table(self, table: str) -> pd.DataFrame:
         self.count(table)  # validates the name

@@ -36,7 +36,8 @@ class ConfigRegistry:
     """Registered model ``name`` whose versions are config files; thin wrapper over ``MlflowClient``."""
 
     def __init__(self, tracking_uri: str | None = None, *, name: str = "usp-predictor",
-                 experiment: str = EXPERIMENT, artifact_location: str | None = None, client: Any = None):
+                 experiment: str = EXPERIMENT, artifact_location: str | None = None, client: Any = None,
+                 run_tags: Mapping[str, str] | None = None):
         from mlflow import MlflowClient
 
         if client is not None:
@@ -46,6 +47,7 @@ class ConfigRegistry:
             self.tracking_uri = tracking_uri or default_tracking_uri()
             self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.name = name
+        self.run_tags = dict(run_tags or {})  # on every run this registry starts (e.g. the Dagster run's link)
         self._experiment = experiment
         self._artifact_location = artifact_location
         self._experiment_id: str | None = None
@@ -73,7 +75,7 @@ class ConfigRegistry:
                 self.name, description="USP predictor configuration; each version's artifact is config.toml")
 
     def start_run(self, *, run_name: str, tags: Mapping[str, str] | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**self.run_tags, **dict(tags or {})})
         return run.info.run_id
 
     def register_config(self, config_text: str, *, run_id: str | None = None, alias: str | None = None,

@@ -43,7 +43,7 @@ from usp_core.config.loader import ConfigError, PredictorConfig
 from usp_core.durable import pid_alive
 from usp_core.paths import dagster_home
 from usp_core.tuning import checkpoint as ckpt
-from usp_core.tuning.report import BASELINE_ATTR, OptimizationReport, build_report
+from usp_core.tuning.report import BASELINE_ATTR, OptimizationReport, build_report, convergence_curve
 from usp_core.tuning.space import SearchSpace, TierName
 from usp_core.tuning.tracking import CampaignTracker, git_sha
 
@@ -176,6 +176,12 @@ def _space_signature(space: SearchSpace) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _finite_points(curve: list[float], numbers=None) -> dict[int, float]:
+    """{trial number: best so far} of a convergence curve, at ``numbers`` (default all), NaN entries left out."""
+    picks = range(len(curve)) if numbers is None else numbers
+    return {n: curve[n] for n in picks if n < len(curve) and math.isfinite(curve[n])}
+
+
 class BayesianMetaOptimizer:
     """Batched ask/tell TPE campaign over one tier's search space (SPEC §5)."""
 
@@ -257,7 +263,7 @@ class BayesianMetaOptimizer:
             raise ValueError(f"study {self.study_name!r} was created with another {self.tier} search space "
                              f"(ranges changed in [meta_optimization]); use a new campaign name")
         for key, value in (("usp_space", signature), ("usp_tier", self.tier), ("usp_campaign", self.campaign),
-                           ("usp_seed", self.meta_config.seed)):
+                           ("usp_seed", self.meta_config.seed), ("usp_objective", self.base_config["backtest.objective"])):
             if attrs.get(key) != value:
                 self.study.set_user_attr(key, value)
 
@@ -398,7 +404,8 @@ class BayesianMetaOptimizer:
         if self.tracker is not None:
             self.tracker.log_trial(frozen.number, params=dict(trial.user_attrs.get("config_params", params)),
                                    state=frozen.state.name, value=frozen.value, fold_values=folds,
-                                   config_version=cfg.version if cfg is not None else "invalid", seconds=seconds)
+                                   config_version=cfg.version if cfg is not None else "invalid", seconds=seconds,
+                                   started_at=frozen.datetime_start.timestamp() if frozen.datetime_start else None)
         return frozen
 
     # -- campaign -----------------------------------------------------------------------------------------
@@ -433,7 +440,9 @@ class BayesianMetaOptimizer:
                     if best is not None:
                         progress.set_postfix(best=f"{best:.5g}", refresh=False)
                 if self.tracker is not None:
-                    self.tracker.log_progress(best_value=self.best_value(), n_finished=self.n_finished(),
+                    curve = convergence_curve(self.study)
+                    self.tracker.log_progress(best_so_far=_finite_points(curve, (t.number for t in told)),
+                                              n_finished=self.n_finished(),
                                               step=max(t.number for t in told))
                 if on_batch is not None:
                     on_batch(told)
@@ -509,7 +518,7 @@ class BayesianMetaOptimizer:
             # process last logged, or logged a best computed before a lower-numbered trial of theirs finished
             finished = [t for t in self.study.get_trials(deepcopy=False) if t.state in FINISHED]
             if finished:
-                self.tracker.log_progress(best_value=report.best_value, n_finished=len(finished),
+                self.tracker.log_progress(best_so_far=_finite_points(report.convergence), n_finished=len(finished),
                                           step=max(t.number for t in finished))
             files = [Path(out_dir) / "report.txt", Path(out_dir) / "report.json", *map(Path, report.plots.values())]
             summary = {"n_trials": report.n_trials, "n_complete": report.n_complete, "n_pruned": report.n_pruned,

@@ -1,5 +1,6 @@
 """Optimisation report of a campaign (SPEC §5, seed V-MIN-2): text, a JSON-able summary for Dagster
-metadata, and PNG plots (optimisation history, importances, parallel coordinates)."""
+metadata, and PNG plots: the campaign (each trial's objective, best so far, importances, drawn from the report's
+own numbers so every UI shows the same ones) and optuna's parallel coordinates."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+
+from usp_core.plots import campaign_chart
 
 BASELINE_ATTR = "usp_baseline"
 """User attribute marking the trial that evaluates the campaign's base config."""
@@ -89,33 +92,23 @@ def param_importances(study: optuna.Study, *, seed: int = 0) -> tuple[dict[str, 
     return {}, "none (importance evaluators failed)"
 
 
-def _plot(kind: str, study: optuna.Study, path: Path, importances_method: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+def _parallel_coordinates(study: optuna.Study, path: Path) -> bool:
     from optuna.visualization import matplotlib as ovm
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna.visualization.matplotlib is marked experimental
         try:
-            if kind == "history":
-                ax = ovm.plot_optimization_history(study)
-            elif kind == "importances":
-                from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
-
-                ev = FanovaImportanceEvaluator(seed=0) if importances_method == "fanova" else PedAnovaImportanceEvaluator()
-                ax = ovm.plot_param_importances(study, evaluator=ev)
-            else:
-                ax = ovm.plot_parallel_coordinate(study)
+            ax = ovm.plot_parallel_coordinate(study)
         except (ValueError, RuntimeError, ImportError):
-            plt.close("all")
             return False
-    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-    fig.set_size_inches(10, 6)
+    fig = ax.figure
+    fig.set_size_inches(10, 5)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # optuna draws on a pyplot figure
     return True
 
 
@@ -166,12 +159,14 @@ def build_report(study: optuna.Study, *, tier: str, wall_time_s: float, out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if complete:
-            for kind in ("history", "importances", "parallel_coordinates"):
-                if kind == "importances" and not importances:
-                    continue
-                path = out / f"{kind}.png"
-                if _plot(kind, study, path, method):
-                    plots[kind] = str(path)
+            ordered = sorted(trials, key=lambda t: t.number)
+            plots["campaign"] = str(campaign_chart(
+                [t.number for t in ordered], [t.value if t.state == TrialState.COMPLETE else None for t in ordered],
+                fields["convergence"], importances, out / "campaign.png",
+                objective=study.user_attrs.get("usp_objective", "objective"), importance_method=method,
+                baseline_value=fields["baseline_value"]))
+            if len(complete) > 1 and _parallel_coordinates(study, out / "parallel_coordinates.png"):
+                plots["parallel_coordinates"] = str(out / "parallel_coordinates.png")
     report = OptimizationReport(**fields, text="", plots=plots)
     report = OptimizationReport(**fields, text=render_text(report), plots=plots)
     if out_dir is not None:

@@ -2,8 +2,10 @@
 run per trial. Uses ``MlflowClient`` only (no global active-run state), so it is safe from threads and
 from several worker processes.
 
-Metric names are fixed per tier (``objective``, ``fold_objective`` with step = fold index, ``best_value``)
-so campaigns of a tier compare side by side in the MLflow UI.
+One metric name across parent and trials: a trial's ``objective`` is its score, the parent's ``objective`` the
+campaign's best, so one column of the runs table compares them; the parent also carries
+``objective_best_so_far`` stepped by trial number (its chart is the campaign's convergence) and
+``fold_objective`` is stepped by fold index. Runs carry a link to the Dagster run that launched them.
 """
 
 from __future__ import annotations
@@ -69,6 +71,28 @@ def git_sha(root: Path = REPO_ROOT) -> str:
     return out.stdout.strip() or "unknown"
 
 
+def mlflow_ui_url(tracking_uri: str, page: str) -> str:
+    """A page of the MLflow UI serving ``tracking_uri`` (the server itself, or ``mlflow ui``'s local default)."""
+    base = tracking_uri if tracking_uri.startswith("http") else os.environ.get("USP_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    return f"{base.rstrip('/')}/#/{page}"
+
+
+def dagster_run_url(run_id: str) -> str:
+    """The Dagster UI page of run ``run_id`` (``$USP_DAGSTER_URL``, default the local ``dagster dev`` address)."""
+    base = os.environ.get("USP_DAGSTER_URL", "http://127.0.0.1:3000")
+    return f"{base.rstrip('/')}/runs/{run_id}"
+
+
+def dagster_link_tags(run_id: str | None) -> dict[str, str]:
+    """Tags linking an MLflow run to the Dagster run that made it; the description (rendered as markdown by the
+    MLflow UI) holds the clickable link."""
+    if not run_id:
+        return {}
+    url = dagster_run_url(run_id)
+    return {"usp.dagster_run_id": run_id, "usp.dagster_run_url": url,
+            "mlflow.note.content": f"Launched by Dagster run [{run_id}]({url})."}
+
+
 def _param_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
@@ -113,14 +137,17 @@ class CampaignTracker:
         else:
             run_tags = {f"usp.{k}": str(v) for k, v in tags.items()}
             run_tags["usp.kind"] = "campaign"
+            run_tags.update(dagster_link_tags(tags.get("dagster_run_id")))
             run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=name)
             self.parent_run_id = run.info.run_id
         return self.parent_run_id
 
     def log_trial(self, number: int, *, params: Mapping[str, Any], state: str, value: float | None,
                   fold_values: Sequence[float], config_version: str, seconds: float,
-                  user_tags: Mapping[str, Any] | None = None) -> str:
-        """One nested child run per trial (already finished: logged in one batch)."""
+                  started_at: float | None = None, user_tags: Mapping[str, Any] | None = None) -> str:
+        """One nested child run per trial (already finished: logged in one batch). The run spans from
+        ``started_at`` (epoch seconds, the trial's start) to now; ``trial_seconds`` is the trial's share of its
+        batch's wall time (the trials of a batch are evaluated together)."""
         from mlflow.entities import Metric, Param, RunTag
 
         assert self.parent_run_id is not None, "start_campaign first"
@@ -128,7 +155,8 @@ class CampaignTracker:
         tags = {"mlflow.parentRunId": self.parent_run_id, "usp.kind": "trial", "usp.trial": str(number),
                 "usp.state": state, "usp.config_version": config_version}
         tags.update({f"usp.{k}": str(v) for k, v in (user_tags or {}).items()})
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial-{number:05d}")
+        start = now if started_at is None else int(started_at * 1000)
+        run = self.client.create_run(self.experiment_id, start_time=start, tags=tags, run_name=f"trial-{number:05d}")
         metrics = [Metric("fold_objective", float(v), now, step) for step, v in enumerate(fold_values)]
         if value is not None:
             metrics.append(Metric("objective", float(value), now, 0))
@@ -137,16 +165,16 @@ class CampaignTracker:
                               params=[Param(k, _param_value(v)) for k, v in sorted(params.items())],
                               tags=[RunTag("usp.trial_number", str(number))])
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}.get(state, "FINISHED")
-        self.client.set_terminated(run.info.run_id, status=status)
+        self.client.set_terminated(run.info.run_id, status=status, end_time=now)
         return run.info.run_id
 
-    def log_progress(self, *, best_value: float | None, n_finished: int, step: int) -> None:
+    def log_progress(self, *, best_so_far: Mapping[int, float], n_finished: int, step: int) -> None:
+        """The campaign's best objective after each trial number in ``best_so_far`` and the finished count."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric("n_finished_trials", float(n_finished), now, step)]
-        if best_value is not None:
-            metrics.append(Metric("best_value", float(best_value), now, step))
+        metrics += [Metric("objective_best_so_far", float(v), now, n) for n, v in sorted(best_so_far.items())]
         self.client.log_batch(self.parent_run_id, metrics=metrics)
 
     def finish_campaign(self, *, best_params: Mapping[str, Any] | None, best_value: float | None,
@@ -161,15 +189,14 @@ class CampaignTracker:
         tags = [RunTag(f"usp.best.{k}", _param_value(v)) for k, v in sorted((best_params or {}).items())]
         metrics = [Metric(k, float(v), now, 0) for k, v in summary.items() if isinstance(v, int | float)]
         if best_value is not None:
-            metrics.append(Metric("final_best_value", float(best_value), now, 0))
+            metrics.append(Metric("objective", float(best_value), now, 0))
         self.client.log_batch(self.parent_run_id, metrics=metrics, params=params, tags=tags)
         for path in artifacts:
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path="report")
         self.client.set_terminated(self.parent_run_id, status=status)
 
     def run_url(self) -> str:
-        base = self.tracking_uri if self.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
+        return mlflow_ui_url(self.tracking_uri, f"experiments/{self.experiment_id}/runs/{self.parent_run_id}")
 
     def list_artifacts(self, path: str = "report") -> list[str]:
         return [a.path for a in self.client.list_artifacts(self.parent_run_id, path)]

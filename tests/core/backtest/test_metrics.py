@@ -135,7 +135,7 @@ def test_evaluate_output_on_known_panel():
     assert row["relative_mse"] == pytest.approx(np.mean(errors**2) / np.mean(naive_errors**2))
     assert row["crps"] == pytest.approx(np.mean(mx.gaussian_crps(values[0, t], values[0, t - 1] + 0.5, 1.0)))
     assert row["regime_changes"] == 0  # the only regime change (t = 5) is outside the test folds
-    assert row["mode_diagnostic"] == pytest.approx(0.5)
+    assert row["mode_emergency"] == pytest.approx(0.5)
     assert result.per_series.loc[("usp", "b"), "n_points"] == 10
     # Kernel 0 (ridge) forecasts the last value: identical to the naive point forecast.
     assert result.per_series.loc[("kernel_ridge", "a"), "relative_mse"] == pytest.approx(1.0)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from tests.core.inference.conftest import observations, online_predictions
+from usp_core.backtest.metrics import gaussian_crps
 from usp_core.inference import PredictionStore, StoreBusyError, ingest_file, observation_files, run_inference
 
 
@@ -74,6 +75,14 @@ def test_inference_catches_up_with_ingested_observations(tmp_path, small_cfg):
     assert (lived["covered"] == ((lived["realised"] >= lived["lower"]) & (lived["realised"] <= lived["upper"]))).all()
     assert set(scored["mode_name"]) <= {"inference", "degraded", "emergency"}
     assert all(len(e) == len(w) for e, w in zip(scored["experts"], scored["weights"], strict=True))
+    np.testing.assert_allclose(lived["naive_error"].to_numpy(), values[m:] - values[m - 1:-1])
+
+    live = store.live_accuracy()
+    assert list(live["series_id"]) == ["a"] and int(live["scored"].iloc[0]) == len(lived)
+    np.testing.assert_allclose(live["mae"], np.abs(lived["error"]).mean())
+    np.testing.assert_allclose(live["relative_mae"], np.abs(lived["error"]).mean() / np.abs(lived["naive_error"]).mean())
+    np.testing.assert_allclose(live["coverage"], lived["covered"].mean())
+    np.testing.assert_allclose(live["crps"], gaussian_crps(lived["realised"], lived["prediction"], lived["sigma"]).mean())
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,12 @@ def test_report_and_plots_are_mlflow_artifacts(tmp_path):
     assert set(report.importances) == set(opt.space.names) and report.importance_method in ("fanova", "ped-anova")
     assert len(report.convergence) == 12 and report.convergence[-1] == report.best_value
     assert "parameter importances" in report.text and "cusum_k" in report.text
-    assert set(report.plots) == {"history", "importances", "parallel_coordinates"}
+    assert set(report.plots) == {"campaign", "parallel_coordinates"}
     meta = report.to_metadata()
     assert meta["best_value"] == report.best_value
 
     artifacts = set(tracker.list_artifacts("report"))
-    assert {"report/report.txt", "report/report.json", "report/history.png", "report/importances.png",
+    assert {"report/report.txt", "report/report.json", "report/campaign.png",
             "report/parallel_coordinates.png"} <= artifacts
     text = Path(tracker.client.download_artifacts(tracker.parent_run_id, "report/report.txt", str(tmp_path))).read_text()
     assert all(name in text for name in report.importances)
@@ -46,6 +47,23 @@ def test_report_and_plots_are_mlflow_artifacts(tmp_path):
     assert set(child.data.params) == set(opt.space.names)
     folds = client.get_metric_history(child.info.run_id, "fold_objective")
     assert [m.step for m in folds] == [0, 1, 2, 3]
+    assert child.info.end_time >= child.info.start_time
+
+    # one number everywhere: the stored report, the parent's metrics and the best-so-far curve agree exactly
+    stored = json.loads(Path(tracker.client.download_artifacts(tracker.parent_run_id, "report/report.json",
+                                                               str(tmp_path / "dl"))).read_text())
+    metrics = parent.data.metrics
+    assert metrics["objective"] == stored["best_value"] == report.best_value
+    assert {k.removeprefix("importance."): v for k, v in metrics.items() if k.startswith("importance.")} == pytest.approx(
+        stored["importances"], rel=1e-12)
+    assert metrics["wall_time_s"] == pytest.approx(stored["wall_time_s"], rel=1e-12)
+    curve = client.get_metric_history(tracker.parent_run_id, "objective_best_so_far")
+    latest = {}
+    for m in sorted(curve, key=lambda m: m.timestamp):
+        latest[m.step] = m.value
+    assert latest == {n: pytest.approx(v) for n, v in enumerate(report.convergence) if v == v}
+    steps = [latest[n] for n in sorted(latest)]
+    assert all(b <= a for a, b in zip(steps, steps[1:], strict=False))
 
 
 def test_parent_run_is_reopened_by_the_same_study_only(tmp_path):

@@ -85,7 +85,8 @@ def test_every_workers_trials_are_children_of_the_one_parent_run(tmp_path, monke
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     assert result.best_value == pytest.approx(best)
-    assert parent.data.metrics["final_best_value"] == pytest.approx(best)
-    assert parent.data.metrics["best_value"] == pytest.approx(best)  # latest progress point covers all workers
+    assert parent.data.metrics["objective"] == pytest.approx(best)  # the column the trials' objective is in
+    # the latest progress point covers all workers' trials
+    assert parent.data.metrics["objective_best_so_far"] == pytest.approx(best)
     assert parent.data.metrics["n_finished_trials"] == len(finished)
     assert parent.data.metrics["n_complete"] == sum(t.state == TrialState.COMPLETE for t in finished)

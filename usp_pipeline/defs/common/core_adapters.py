@@ -20,12 +20,15 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def backtest_summary(cfg, panel: pd.DataFrame) -> dict[str, Any]:
-    """Walk-forward backtest of ``cfg``: aggregate metrics of the USP model and a model-by-metric table."""
-    from usp_core.backtest.runner import run_backtest
+def backtest_summary(cfg, panel: pd.DataFrame, plot_dir: Path | None = None) -> dict[str, Any]:
+    """Walk-forward backtest of ``cfg``: aggregate metrics of the USP model, a model-by-metric table and, with
+    ``plot_dir``, the forecast fan chart, the weights/mode timeline and the skill-by-series chart."""
+    from usp_core.backtest.runner import as_panel, run_backtest
 
-    result = run_backtest(cfg, panel)
-    table = result.aggregate.reset_index().rename(columns={"index": "model"})
+    data = as_panel(panel)
+    result = run_backtest(cfg, data)
+    columns = [c for c in ("crps_skill", "crps_ratio", "mase", "relative_mse", "coverage") if c in result.aggregate]
+    table = result.aggregate[columns].reset_index().rename(columns={"index": "model"})
     aggregate = {str(k): _finite(v) for k, v in result.aggregate_metrics.items()}
     return {
         "config_version": cfg.version,
@@ -33,10 +36,44 @@ def backtest_summary(cfg, panel: pd.DataFrame) -> dict[str, Any]:
         "objective": _finite(result.objective),
         "fold_objectives": [_finite(v) for v in result.fold_objectives],
         "aggregate": {"objective": _finite(result.objective), **aggregate},
-        "table": table.astype({c: "float64" for c in table.columns if c != table.columns[0]}, errors="ignore")
-                      .where(table.notna(), None).to_dict(orient="records"),
+        "table": table.round(4).astype(object).where(table.notna(), None).to_dict(orient="records"),
         "series": len(result.series_ids),
+        "plots": {} if plot_dir is None else backtest_plots(cfg, data, result, Path(plot_dir)),
     }
+
+
+def backtest_plots(cfg, data, result, out_dir: Path, *, max_series: int = 3, last: int = 150) -> dict[str, str]:
+    """The pictures of a backtest, one function of ``usp_core.plots`` each."""
+    import numpy as np
+
+    from usp_core.backtest.runner import GARCH, KERNEL_MODELS, USP
+    from usp_core.engine.gate import MODE_NAMES
+    from usp_core.kernels import EXPERT_NAMES
+    from usp_core.plots import ForecastTrace, fan_chart, skill_chart, weights_chart
+
+    out = result.output
+    level = float(cfg["core.interval_level"])
+    traces, shifted = [], lambda a: np.concatenate([[np.nan], np.asarray(a, dtype=np.float64)[:-1]])
+    for b, series_id in enumerate(result.series_ids[:max_series]):
+        live = np.isfinite(data.values[b])
+        times = (data.timestamps_ns[b].astype("datetime64[ns]") if data.timestamps_ns is not None
+                 else np.arange(data.values.shape[1]))
+        trace = ForecastTrace(series_id, times[live], data.values[b][live],
+                              *(shifted(np.asarray(getattr(out, k))[b])[live] for k in ("prediction", "lower", "upper")))
+        traces.append(trace.tail(last))
+    plots = {"fan_chart": fan_chart(traces, out_dir / "fan_chart.png", level=level,
+                                    title=f"config {cfg.version}: observed vs one-step forecast")}
+    b = 0
+    live = np.isfinite(np.asarray(out.prediction)[b])
+    times = (data.timestamps_ns[b].astype("datetime64[ns]") if data.timestamps_ns is not None
+             else np.arange(data.values.shape[1]))
+    plots["weights"] = weights_chart(times[live], np.asarray(out.weights)[b][live], np.asarray(out.mode)[b][live],
+                                     EXPERT_NAMES, MODE_NAMES, out_dir / "weights.png", series_id=result.series_ids[b])
+    skill = result.per_series["crps_skill"]
+    by_model = {name: skill.loc[model].to_dict() for name, model in (("usp", USP), ("garch", GARCH), ("ewma", "ewma"))}
+    by_model["best single kernel"] = skill.loc[list(KERNEL_MODELS)].groupby(level="series_id").max().to_dict()
+    plots["skill"] = skill_chart(by_model, out_dir / "skill.png")
+    return {name: str(path) for name, path in plots.items()}
 
 
 def _study_progress(storage_url: str, study_name: str) -> tuple[int, float | None]:
@@ -133,6 +170,7 @@ def tuning_summary(
         "mlflow_run_url": result.mlflow_run_url,
         "experiment_id": getattr(tracker, "experiment_id", None),
         "report_text": report.text,
+        "report": report.to_metadata(),
         "trials": [t for t in trials if t["state"] != "RUNNING"],
         "wall_time_s": time.monotonic() - started,
         "config_version": cfg.version,
@@ -140,22 +178,11 @@ def tuning_summary(
     }
 
 
-def optimization_reports(campaigns: list[dict], *, storage: str, out_dir: Path) -> list[dict[str, Any]]:
-    """Text report and PNG plots (history, importances, parallel coordinates) of each campaign's study."""
-    import optuna
-
-    from usp_core.tuning.optimizer import make_storage
-    from usp_core.tuning.report import build_report
-
-    reports = []
-    for campaign in campaigns:
-        study = optuna.load_study(study_name=campaign["study_name"], storage=make_storage(storage))
-        rep = build_report(study, tier=campaign["tier"], wall_time_s=float(campaign.get("wall_time_s", 0.0)),
-                           out_dir=out_dir / campaign["tier"])
-        reports.append({"tier": campaign["tier"], "study": campaign["study_name"], "text": rep.text,
-                        "plots": dict(rep.plots), "best_value": _finite(rep.best_value),
-                        "mlflow_run_url": campaign.get("mlflow_run_url")})
-    return reports
+def optimization_reports(campaigns: list[dict]) -> list[dict[str, Any]]:
+    """Each campaign's report as the campaign computed and logged it to MLflow (numbers, text and plots are
+    not recomputed here, so both UIs show the same ones)."""
+    return [{"tier": c["tier"], "study": c["study_name"], "text": c["report_text"], **c["report"],
+             "mlflow_run_url": c.get("mlflow_run_url")} for c in campaigns]
 
 
 def promotion_gate(champion, challenger, panel: pd.DataFrame) -> dict[str, Any]:
@@ -167,7 +194,7 @@ def promotion_gate(champion, challenger, panel: pd.DataFrame) -> dict[str, Any]:
 
 
 def apply_promotion(config_path: Path, decision: dict[str, Any], *, changes: dict[str, Any], tracking_uri: str,
-                    run_id: str) -> dict[str, Any]:
+                    run_id: str, campaign_run_url: str | None = None) -> dict[str, Any]:
     """Promote (atomic audited rewrite + registry aliases) or record the rejection; returns the outcome."""
     from usp_core.config import load_config
     from usp_core.promotion.gate import PromotionDecision
@@ -176,7 +203,13 @@ def apply_promotion(config_path: Path, decision: dict[str, Any], *, changes: dic
 
     before = load_config(config_path, environ={})
     fields = {k: (math.nan if v is None else v) for k, v in decision.items() if k in PromotionDecision.__dataclass_fields__}
-    registry = ConfigRegistry.for_config(config_path, tracking_uri=tracking_uri)
+    from usp_core.tuning.tracking import dagster_link_tags, mlflow_ui_url
+
+    tags = dagster_link_tags(run_id)
+    if campaign_run_url:
+        tags.update({"usp.campaign_run_url": campaign_run_url, "mlflow.note.content":
+                     tags["mlflow.note.content"] + f" Candidate from the tuning campaign [{campaign_run_url}]({campaign_run_url})."})
+    registry = ConfigRegistry.for_config(config_path, tracking_uri=tracking_uri, run_tags=tags)
     outcome = promote(config_path, changes, PromotionDecision(**fields), registry=registry)
     after = load_config(config_path, environ={})
     return {
@@ -189,4 +222,8 @@ def apply_promotion(config_path: Path, decision: dict[str, Any], *, changes: dic
         "champion_model_version": outcome.champion_model_version,
         "challenger_model_version": outcome.challenger_model_version,
         "dagster_run_id": run_id,
+        "mlflow_run_url": mlflow_ui_url(tracking_uri, f"experiments/{registry.experiment_id}/runs/{outcome.mlflow_run_id}")
+        if outcome.mlflow_run_id else None,
+        "champion_model_url": mlflow_ui_url(tracking_uri, f"models/{registry.name}/versions/{outcome.champion_model_version}")
+        if outcome.champion_model_version else None,
     }

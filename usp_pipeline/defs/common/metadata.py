@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -37,3 +39,17 @@ def scalar_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, int | float) and math.isfinite(float(value)):
             out[key] = float(value) if isinstance(value, float) else int(value)
     return out
+
+
+def png_markdown(path: str | Path, caption: str = "") -> dg.MetadataValue:
+    """A PNG shown inline on the asset page (markdown with the image embedded as a data URI), its caption and
+    the file it came from (the same file is logged to MLflow where the plot has a run)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    lines = [f"![{caption or Path(path).stem}](data:image/png;base64,{data})", "", f"_{caption}_ `{path}`" if caption
+             else f"`{path}`"]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def rounded(value: float | None, digits: int) -> float | None:
+    """``value`` rounded for display (None stays None)."""
+    return None if value is None else round(float(value), digits)

@@ -1,7 +1,8 @@
 """Resources: config store, MLflow tracker, Optuna storage, DuckDB, workload sizes.
 
 Every store defaults to an embedded file under ``$DAGSTER_HOME`` and switches to a server by environment
-(``USP_CONFIG_PATH``, ``MLFLOW_TRACKING_URI``, ``USP_OPTUNA_STORAGE``, ``USP_DUCKDB_PATH``).
+(``USP_CONFIG_PATH``, ``MLFLOW_TRACKING_URI``, ``USP_OPTUNA_STORAGE``, ``USP_DUCKDB_PATH``); the file sensor
+watches ``USP_INCOMING_DIR`` (default ``data/incoming``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from usp_core.paths import config_path, duckdb_path
+from usp_core.paths import config_path, duckdb_path, incoming_dir
 
 
 class ConfigStoreResource(dg.ConfigurableResource):
@@ -82,4 +83,8 @@ class WorkloadResource(dg.ConfigurableResource):
     fast_trials: int = 0
     deep_trials: int = 0
     workers: int = 1
-    incoming_dir: str = "data/incoming"
+    incoming_dir: str = ""
+
+    def incoming_path(self) -> Path:
+        """The folder the file sensor watches: ``incoming_dir``, else ``$USP_INCOMING_DIR``, else data/incoming."""
+        return incoming_dir(self.incoming_dir or None)

@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from usp_pipeline.defs.common.metadata import md_table
+from usp_pipeline.defs.common.metadata import md_table, rounded
 from usp_pipeline.defs.common.pools import DUCKDB_WRITER_POOL
 from usp_pipeline.defs.common.resources import ConfigStoreResource, DuckDBResource
 
@@ -39,6 +39,8 @@ def predictions(
     if result.sha256 and config.sha256 and result.sha256 != config.sha256:
         context.log.warning(f"{config.path} changed since the sensor saw it ({config.sha256[:12]} -> {result.sha256[:12]})")
     reasons = result.quarantine_reasons
+    live = store.live_accuracy()
+    live = live[live["config_version"] == cfg.version].drop(columns="config_version")
     return dg.MaterializeResult(
         metadata={
             "source": dg.MetadataValue.path(config.path),
@@ -57,5 +59,8 @@ def predictions(
             "quarantine_reasons": dg.MetadataValue.json(reasons),
             "database": dg.MetadataValue.path(str(store.path)),
             "sample": md_table(result.sample, max_rows=10) if result.sample is not None else "none",
+            "live_accuracy": md_table(live, max_rows=50, floatfmt=".3f") if len(live) else
+            "no forecast of this config has been observed yet",
+            "live_relative_mae": rounded(float(live["mae"].sum() / live["naive_mae"].sum()), 3) if len(live) else None,
         },
     )

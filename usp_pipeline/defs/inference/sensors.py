@@ -41,7 +41,7 @@ def scan_incoming(directory: Path, cursor: str | None) -> tuple[list[tuple[Path,
 @dg.sensor(job=inference_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Runs inference_job once per new or modified file in data/incoming/ (run_key = sha256).")
 def incoming_files_sensor(context: dg.SensorEvaluationContext, workload: WorkloadResource) -> dg.SensorResult:
-    directory = Path(workload.incoming_dir).absolute()
+    directory = workload.incoming_path()
     new, cursor = scan_incoming(directory, context.cursor)
     requests = [
         dg.RunRequest(

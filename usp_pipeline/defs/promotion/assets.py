@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from usp_pipeline.defs.common.io_manager import ALLOW_MISSING
+from usp_pipeline.defs.common.metadata import rounded
 from usp_pipeline.defs.common.pools import CONFIG_WRITER_POOL, GPU_POOL
 from usp_pipeline.defs.common.resources import ConfigStoreResource, MLflowTrackerResource
 
@@ -74,15 +75,20 @@ def promotion_decision(
     decision.update(challenger_params=challenger_config["params"], challenger_version=challenger.version,
                     champion_version=file_version, campaign_mlflow_run_url=challenger_config.get("mlflow_run_url"))
     context.log.info(f"promotion decision: {'PROMOTE' if decision['promote'] else 'keep champion'} ({decision['reason']})")
+    objective = champion["backtest.objective"]
     meta = {
         "decision": "promote" if decision["promote"] else "keep champion",
         "reason": decision["reason"],
         "champion_version": file_version,
         "challenger_version": challenger.version,
+        "scored_on": f"{objective} (lower is better) on the holdout fold of every series, the same steps for both "
+                     "configs (not the tuning folds the campaign scored)",
     }
-    for key in ("champion_score", "challenger_score", "improvement", "p_value", "dm_stat"):
+    for key, digits in (("champion_score", 4), ("challenger_score", 4), ("improvement", 4), ("p_value", 4),
+                        ("dm_stat", 3)):
         if decision.get(key) is not None:
-            meta[key] = dg.MetadataValue.float(float(decision[key]))
+            meta[key] = rounded(decision[key], digits)
+    meta["improvement_definition"] = "(champion - challenger) / champion: > 0 when the challenger is better"
     if decision.get("campaign_mlflow_run_url"):
         meta["campaign_mlflow_run"] = dg.MetadataValue.url(decision["campaign_mlflow_run_url"])
     return dg.MaterializeResult(value=decision, metadata=meta)
@@ -100,7 +106,8 @@ def champion_config(
     from usp_pipeline.defs.common.core_adapters import apply_promotion
 
     outcome = apply_promotion(config_store.path(), promotion_decision, changes=promotion_decision["challenger_params"],
-                              tracking_uri=mlflow.uri(), run_id=context.run.run_id)
+                              tracking_uri=mlflow.uri(), run_id=context.run.run_id,
+                              campaign_run_url=promotion_decision.get("campaign_mlflow_run_url"))
     stale = is_stale_reason(outcome["reason"])
     # A stale decision is an expected outcome of concurrent writers, not a failure: the file is intact and
     # downstream assets should still run on it, so the asset materialises (promoted=False, stale=True).
@@ -118,5 +125,9 @@ def champion_config(
             "path": dg.MetadataValue.path(str(config_store.path())),
             "delta": dg.MetadataValue.json(outcome.get("delta", {})),
             "champion_model_version": str(outcome.get("champion_model_version")),
+            **({"mlflow_promotion_run": dg.MetadataValue.url(outcome["mlflow_run_url"])} if outcome.get("mlflow_run_url")
+               else {}),
+            **({"mlflow_champion_model": dg.MetadataValue.url(outcome["champion_model_url"])}
+               if outcome.get("champion_model_url") else {}),
         },
     )
