@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _DPI = 80
 _MODE_COLOURS = ("#ffffff", "#f2c14e", "#d1495b")  # inference, degraded, emergency
@@ -130,6 +131,7 @@ def campaign_chart(numbers: Sequence[int], values: Sequence[float | None], best_
     if baseline_value is not None:
         ax.axhline(baseline_value, color="grey", ls="--", lw=1, label="base config (trial 0)")
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{objective} (lower is better)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

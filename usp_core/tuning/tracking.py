@@ -72,9 +72,11 @@ def git_sha(root: Path = REPO_ROOT) -> str:
 
 
 def mlflow_ui_url(tracking_uri: str, page: str) -> str:
-    """A page of the MLflow UI serving ``tracking_uri`` (the server itself, or ``mlflow ui``'s local default)."""
+    """A page of the MLflow UI serving ``tracking_uri`` (the server itself, or ``mlflow ui``'s local default),
+    opened in the UI's model-training view (MLflow 3 remembers a GenAI/model-training switch per browser and
+    starts on GenAI; the ``workflowType`` query parameter selects the view)."""
     base = tracking_uri if tracking_uri.startswith("http") else os.environ.get("USP_MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    return f"{base.rstrip('/')}/#/{page}"
+    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
 
 
 def dagster_run_url(run_id: str) -> str:
