@@ -55,6 +55,18 @@ def test_closed_loop_on_the_users_series(pipeline_home):
     assert raw["series"] == 2 and raw["dagster/row_count"] == 320
     assert _metadata(result, "validated_observations")["dagster/row_count"] == 320
     panel = store.load_observations(max_length=160)
+    backtest = _metadata(result, "champion_backtest")
+    assert "![" in backtest["fan_chart_plot"] and "data:image/png;base64," in backtest["weights_plot"]
+    # the PNGs shown in Dagster are the files logged to the MLflow backtest run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resources["mlflow"].uri())
+    run_id = backtest["mlflow_run"].split("/runs/")[1].split("?")[0]
+    logged = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert logged == {"plots/fan_chart.png", "plots/weights.png", "plots/skill.png"}
+    assert client.get_run(run_id).data.tags["usp.dagster_run_id"] == result.run_id
+    assert client.get_run(run_id).data.metrics["crps_skill"] == pytest.approx(backtest["crps_skill_vs_naive"], abs=5e-4)
+
     tuned = _metadata(result, "fast_tuning_campaign")
     assert tuned["trials_complete"] == 2 and "best_value" in tuned
     assert tuned["study"].endswith(f"{data_fingerprint(panel)}-fast")
@@ -78,6 +90,7 @@ def test_closed_loop_on_the_users_series(pipeline_home):
                                run_config=tick.run_requests[0].run_config)
     meta = _metadata(inference, "predictions")
     assert meta["quarantined_rows"] == 2 and meta["config_version"] == champion["config_version"]
+    assert "relative_mae" in meta["live_accuracy"] and meta["live_relative_mae"] > 0
     preds = store.table("predictions")
     preds = preds[preds["config_version"] == champion["config_version"]]
     keys = set(zip(preds["series_id"], preds["ts"], strict=True))

@@ -90,14 +90,23 @@ CREATE TABLE IF NOT EXISTS processed_files (
 def scored_predictions_sql(expert_names: Sequence[str]) -> str:
     """A view of ``predictions`` with what a user reads: the time each forecast is for and its realised value
     (the next stored observation of the series, once it arrives), the error and the naive forecast's (the value
-    at the origin), whether the interval covered it, the mode by name and the experts the weights belong to."""
+    at the origin), whether the interval covered it, the row's CRPS, the mode by name and the experts the
+    weights belong to."""
     modes = " ".join(f"WHEN {i} THEN '{name}'" for i, name in enumerate(MODE_NAMES))
     experts = ", ".join(f"'{name}'" for name in expert_names)
     return f"""
+-- DuckDB has no erf: Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), for the Gaussian CRPS of each row
+CREATE OR REPLACE MACRO usp_erf(x) AS sign(x) * (1 - (((((1.061405429 * (1 / (1 + 0.3275911 * abs(x)))
+    - 1.453152027) * (1 / (1 + 0.3275911 * abs(x))) + 1.421413741) * (1 / (1 + 0.3275911 * abs(x)))
+    - 0.284496736) * (1 / (1 + 0.3275911 * abs(x))) + 0.254829592) * (1 / (1 + 0.3275911 * abs(x))))
+    * exp(-x * x));
+CREATE OR REPLACE MACRO usp_gaussian_crps(y, mu, sigma) AS sigma * (((y - mu) / sigma) * usp_erf((y - mu) / sigma / sqrt(2))
+    + 2 * exp(-0.5 * ((y - mu) / sigma) ^ 2) / sqrt(2 * pi()) - 1 / sqrt(pi()));
 CREATE OR REPLACE VIEW scored_predictions AS
 SELECT p.series_id, p.ts AS origin_ts, o.ts AS target_ts, p.horizon, p.config_version,
        p.prediction, p.lower, p.upper, p.sigma, o.value AS realised, o.value - p.prediction AS error,
        o.value - origin.value AS naive_error, o.value BETWEEN p.lower AND p.upper AS covered,
+       usp_gaussian_crps(o.value, p.prediction, p.sigma) AS crps,
        CASE p.mode {modes} END AS mode_name, p.flags, [{experts}] AS experts, p.weights,
        p.dagster_run_id, p.created_at
 FROM predictions p ASOF LEFT JOIN observations o ON p.series_id = o.series_id AND o.ts > p.ts
@@ -154,7 +163,9 @@ class PredictionStore:
                     con.execute(statement).fetchall()
             from usp_core.kernels import EXPERT_NAMES
 
-            con.execute(scored_predictions_sql(EXPERT_NAMES)).fetchall()
+            for statement in scored_predictions_sql(EXPERT_NAMES).split(";"):
+                if statement.strip():
+                    con.execute(statement).fetchall()
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.lock_timeout_s
@@ -278,14 +289,10 @@ class PredictionStore:
     def live_accuracy(self) -> pd.DataFrame:
         """Per series and config version, the live forecasts whose target has been observed: how many, mean CRPS
         (Gaussian, from the stored sigma), MAE, MAE relative to the naive last value, interval coverage."""
-        from usp_core.backtest.metrics import gaussian_crps
-
         with self.connect() as con:
             scored = con.execute(
-                "SELECT series_id, config_version, prediction, sigma, realised, error, naive_error, covered "
+                "SELECT series_id, config_version, crps, error, naive_error, covered "
                 "FROM scored_predictions WHERE realised IS NOT NULL").df()
-        scored["crps"] = gaussian_crps(scored["realised"].to_numpy(), scored["prediction"].to_numpy(),
-                                       scored["sigma"].to_numpy())
         scored["abs_error"], scored["naive_abs_error"] = scored["error"].abs(), scored["naive_error"].abs()
         out = scored.groupby(["series_id", "config_version"]).agg(
             scored=("crps", "size"), crps=("crps", "mean"), mae=("abs_error", "mean"),

@@ -99,6 +99,26 @@ def _param_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def log_finished_run(tracking_uri: str, experiment: str, *, kind: str, run_name: str, metrics: Mapping[str, float],
+                     params: Mapping[str, Any] = (), tags: Mapping[str, str] = (), artifacts: Sequence[Path] = (),
+                     artifact_path: str = "plots") -> str:
+    """One finished MLflow run (e.g. a backtest): metrics, params, tags and files; returns its UI URL."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = ensure_experiment(client, experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[Param(k, _param_value(v)) for k, v in dict(params).items()],
+                     tags=[RunTag("usp.kind", kind)])
+    for path in artifacts:
+        client.log_artifact(run.info.run_id, str(path), artifact_path=artifact_path)
+    client.set_terminated(run.info.run_id)
+    return mlflow_ui_url(tracking_uri, f"experiments/{experiment_id}/runs/{run.info.run_id}")
+
+
 class CampaignTracker:
     """MLflow runs of one campaign. ``start_campaign`` makes (or, on resume, re-opens) the parent run."""
 

@@ -82,7 +82,9 @@ def test_inference_catches_up_with_ingested_observations(tmp_path, small_cfg):
     np.testing.assert_allclose(live["mae"], np.abs(lived["error"]).mean())
     np.testing.assert_allclose(live["relative_mae"], np.abs(lived["error"]).mean() / np.abs(lived["naive_error"]).mean())
     np.testing.assert_allclose(live["coverage"], lived["covered"].mean())
-    np.testing.assert_allclose(live["crps"], gaussian_crps(lived["realised"], lived["prediction"], lived["sigma"]).mean())
+    np.testing.assert_allclose(lived["crps"], gaussian_crps(lived["realised"], lived["prediction"], lived["sigma"]),
+                               rtol=1e-5, atol=1e-9)  # the view's erf approximation: |error| < 1.5e-7
+    np.testing.assert_allclose(live["crps"], lived["crps"].mean())
 
 
 @pytest.mark.slow

@@ -1,18 +1,23 @@
 """Walk-forward backtest of the champion configuration (SPEC §4)."""
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
 from usp_pipeline.defs.common.metadata import md_table, png_markdown, rounded
 from usp_pipeline.defs.common.pools import GPU_POOL
-from usp_pipeline.defs.common.resources import ConfigStoreResource
+from usp_pipeline.defs.common.resources import ConfigStoreResource, MLflowTrackerResource
 
 GROUP = "backtest"
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "jax"}, pool=GPU_POOL)
+@dg.asset(group_name=GROUP, kinds={"python", "jax", "mlflow"}, pool=GPU_POOL)
 def champion_backtest(
-    context: dg.AssetExecutionContext, validated_observations: pd.DataFrame, config_store: ConfigStoreResource
+    context: dg.AssetExecutionContext,
+    validated_observations: pd.DataFrame,
+    config_store: ConfigStoreResource,
+    mlflow: MLflowTrackerResource,
 ) -> dg.MaterializeResult:
     """Walk-forward metrics of the current champion config over every validated series."""
     from usp_core.backtest.metrics import OBJECTIVE_DESCRIPTIONS
@@ -25,6 +30,13 @@ def champion_backtest(
     summary = backtest_summary(cfg, validated_observations, plot_dir)
     level = float(cfg["core.interval_level"])
     agg = summary["aggregate"]
+    from usp_core.tuning.tracking import dagster_link_tags, log_finished_run
+
+    run_url = log_finished_run(
+        mlflow.uri(), mlflow.backtest_experiment, kind="backtest", run_name=f"backtest-{cfg.version}",
+        metrics={k: v for k, v in agg.items() if v is not None}, params={"config_version": cfg.version,
+                                                                        "series": summary["series"]},
+        tags=dagster_link_tags(context.run.run_id), artifacts=[Path(p) for p in summary["plots"].values()])
     return dg.MaterializeResult(
         value=summary,
         metadata={
@@ -37,6 +49,7 @@ def champion_backtest(
             f"coverage_of_{100 * level:.0f}pct_interval": rounded(agg.get("coverage"), 3),
             "mase": rounded(agg.get("mase"), 3),
             "metrics_by_model": md_table(pd.DataFrame(summary["table"]), max_rows=30, floatfmt=".3f"),
+            "mlflow_run": dg.MetadataValue.url(run_url),
             **{f"{name}_plot": png_markdown(path, CAPTIONS[name].format(level=level))
                for name, path in summary["plots"].items()},
         },

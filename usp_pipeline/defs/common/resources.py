@@ -39,6 +39,7 @@ class MLflowTrackerResource(dg.ConfigurableResource):
 
     tracking_uri: str = ""
     experiment: str = "usp-tuning"
+    backtest_experiment: str = "usp-backtests"
 
     def uri(self) -> str:
         """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite under ``$DAGSTER_HOME/mlflow/``."""
