@@ -45,16 +45,12 @@ def _dynamic_variant(cfg: PredictorConfig, i: int) -> PredictorConfig:
 
 
 def _compiled_run(p, values) -> tuple[float, float]:
-    """Compile ``p.run``'s program for this shape ahead of time, then time one run of it: (compile s, run s)."""
-    from usp_core.engine.predictor import _run_jit
-
-    (arr, ts, now), *_ = p._prepare(values, None, None, True)
+    """Compile ``p.run``'s program for this shape ahead of time, then time one run of it, outputs on the host:
+    (compile s, run s)."""
+    compiled = p.compile_run(values)
     start = time.perf_counter()
-    compiled = _run_jit.lower(arr, ts, now, p.key, p.static, p.params).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(arr, ts, now, p.key, p.params))
-    return compile_s, time.perf_counter() - start
+    compiled(values)
+    return compiled.compile_seconds, time.perf_counter() - start
 
 
 def throughput(cfg, batch: int, length: int) -> dict[str, float]:
@@ -118,15 +114,15 @@ def seed_loop(cfg, batch: int, n_steps: int) -> dict[str, float]:
 
 def recompilations(cfg, batch: int, length: int) -> dict[str, Any]:
     """Run configs differing only in dynamic parameters on an already compiled shape; count new compilations."""
-    from usp_core.engine.predictor import Predictor, compile_counts
+    from usp_core.engine.predictor import Predictor, count_compilations
 
     values = _panel(batch, length, seed=1)
-    Predictor(cfg).run(values)
-    before = compile_counts()
-    for i in range(3):
-        Predictor(_dynamic_variant(cfg, i)).run(values)
-    after = compile_counts()
-    return {"before": before, "after": after, "recompilations": int(sum(after.values()) - sum(before.values()))}
+    with count_compilations() as first:
+        Predictor(cfg).run(values)
+    with count_compilations() as again:
+        for i in range(3):
+            Predictor(_dynamic_variant(cfg, i)).run(values)
+    return {"first_run": dict(first), "after": dict(again), "recompilations": int(sum(again.values()))}
 
 
 def trials(cfg, batch: int, length: int, k: int = TRIALS_K) -> dict[str, float]:

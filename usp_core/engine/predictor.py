@@ -7,7 +7,11 @@ leaves, so changing them never recompiles.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +37,30 @@ _run_trials_shared_jit = jax.jit(step_mod.run_trials_shared, static_argnames=("s
 _T_BUCKET = 256
 
 
-def compile_counts() -> dict[str, int]:
-    """Number of compiled variants of each jitted entry point (tests assert on these)."""
-    fns = {"init": _init_jit, "step": _step_jit, "step_batch": _step_batch_jit, "init_batch": _init_batch_jit,
-           "run": _run_jit, "run_trials": _run_trials_jit,
-           "run_trials_shared": _run_trials_shared_jit}
-    return {name: fn._cache_size() for name, fn in fns.items()}
+_ENTRY_POINTS = {"init": _init_jit, "step": _step_jit, "step_batch": _step_batch_jit, "init_batch": _init_batch_jit,
+                 "advance_batch": _advance_batch_jit, "run": _run_jit, "run_trials": _run_trials_jit,
+                 "run_trials_shared": _run_trials_shared_jit}
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's monitoring event of an XLA compile
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[dict[str, int]]:
+    """Counts the XLA compilations of the predictor's jitted entry points (``run``, ``step``, ...) while the
+    block runs, from JAX's public monitoring events (a persistent-cache hit counts too: tests and the bench
+    turn that cache off)."""
+    names = {f"jit({fn.__wrapped__.__name__})": entry for entry, fn in _ENTRY_POINTS.items()}
+    counts = dict.fromkeys(_ENTRY_POINTS, 0)
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        entry = names.get(kwargs.get("fun_name", "")) if event == _BACKEND_COMPILE_EVENT else None
+        if entry is not None:
+            counts[entry] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def enable_compile_cache(cfg: PredictorConfig, root: str | os.PathLike[str] | None = None) -> None:
@@ -178,6 +200,15 @@ class Predictor:
         out = _run_jit(arr, ts, now, self.key, self.static, self.params)
         return self._finish(out, single, b, t)
 
+    def compile_run(self, values, timestamps_ns=None, *, now_ns=None, bucket: bool = True) -> CompiledRun:
+        """``run``'s program compiled ahead of time for the shape of ``values`` (JAX's AOT lower/compile): the
+        returned callable runs any input of that (bucketed) shape without tracing, and says how long the
+        compilation took."""
+        (arr, ts, now), *_ = self._prepare(values, timestamps_ns, now_ns, bucket)
+        start = time.perf_counter()
+        executable = _run_jit.lower(arr, ts, now, self.key, self.static, self.params).compile()
+        return CompiledRun(self, executable, time.perf_counter() - start, bucket)
+
     def run_trials(self, values, params_batch: dict[str, Any], timestamps_ns=None, *, now_ns=None,
                    bucket: bool = True) -> PredictorOutput:
         """Evaluate K parameter sets that share this predictor's static key in ONE compiled call.
@@ -199,6 +230,21 @@ class Predictor:
         else:
             out = _run_trials_jit(arr, ts, now, self.key, self.static, batch)
         return self._finish(out, single, b, t, lead=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledRun:
+    """``Predictor.run`` compiled for one input shape (see :meth:`Predictor.compile_run`)."""
+
+    predictor: Predictor
+    executable: Any  # jax.stages.Compiled
+    compile_seconds: float
+    bucket: bool
+
+    def __call__(self, values, timestamps_ns=None, *, now_ns=None) -> PredictorOutput:
+        p = self.predictor
+        (arr, ts, now), single, b, t = p._prepare(values, timestamps_ns, now_ns, self.bucket)
+        return p._finish(self.executable(arr, ts, now, p.key, p.params), single, b, t)
 
 
 def stack_params(configs: list[PredictorConfig]) -> dict[str, Array]:

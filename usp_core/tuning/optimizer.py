@@ -106,19 +106,43 @@ def trial_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
-class ReseededTPESampler(TPESampler):
-    """TPE whose RNG is re-seeded from (seed, trial number) at each trial: sampling depends only on the
-    study history, never on how many trials this process has sampled before (resume = straight run)."""
+class ReseededTPESampler(optuna.samplers.BaseSampler):
+    """TPE seeded from (seed, trial number) at each trial: sampling depends only on the study history, never on
+    how many trials this process has sampled before (resume = straight run). Each trial gets its own
+    ``TPESampler(seed=trial_seed(seed, number))``: Optuna's public API has no way to re-seed a sampler's RNG."""
 
-    def __init__(self, *, seed: int, **kwargs: Any):
-        super().__init__(seed=seed, **kwargs)
+    def __init__(self, *, seed: int, **tpe_kwargs: Any):
         self._base_seed = seed
+        self._tpe_kwargs = tpe_kwargs
+        self._by_trial: dict[int, TPESampler] = {}
+
+    def _for(self, trial: FrozenTrial) -> TPESampler:
+        sampler = self._by_trial.get(trial.number)
+        if sampler is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                sampler = TPESampler(seed=trial_seed(self._base_seed, trial.number), **self._tpe_kwargs)
+            self._by_trial[trial.number] = sampler
+        return sampler
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        s = trial_seed(self._base_seed, trial.number)
-        self._rng.rng.seed(s)
-        self._random_sampler._rng.rng.seed(s)
-        super().before_trial(study, trial)
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+        self._by_trial.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        """Nothing to re-seed: every trial's seed is fixed by its number."""
 
 
 def default_storage_url() -> str:
@@ -285,20 +309,25 @@ class BayesianMetaOptimizer:
         last = float(beat) if beat is not None else (t.datetime_start.timestamp() if t.datetime_start else now)
         return now - last > self.stale_after_s
 
+    def _trial_id(self, number: int) -> int:
+        """The storage's id of trial ``number`` of this study (through the storage's public interface)."""
+        return self.storage.get_trial_id_from_study_id_trial_number(
+            self.storage.get_study_id_from_name(self.study_name), number)
+
     def requeue_stale_trials(self) -> list[int]:
         """Put RUNNING trials of dead workers back in the queue (same number and params)."""
         now, requeued = time.time(), []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if self._is_stale(t, now):
                 try:
-                    self.study._storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
+                    self.storage.set_trial_state_values(self._trial_id(t.number), TrialState.WAITING)
                     requeued.append(t.number)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass
         return requeued
 
     def _give_back(self, trial: optuna.Trial) -> None:
-        self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        self.storage.set_trial_state_values(self._trial_id(trial.number), TrialState.WAITING)
 
     def _ask(self, budget: int) -> optuna.Trial | None:
         trial = self.study.ask()
@@ -330,7 +359,7 @@ class BayesianMetaOptimizer:
         while not stop.wait(self.heartbeat_interval_s):
             for t in trials:
                 try:
-                    self.study._storage.set_trial_user_attr(t._trial_id, "usp_heartbeat", time.time())
+                    self.storage.set_trial_user_attr(self._trial_id(t.number), "usp_heartbeat", time.time())
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass
 

@@ -13,7 +13,7 @@ from usp_core.tuning.optimizer import BayesianMetaOptimizer
 
 @pytest.mark.slow
 def test_fast_campaign_compiles_once_per_static_key():
-    from usp_core.engine.predictor import compile_counts
+    from usp_core.engine.predictor import count_compilations
 
     # one static key: pin the two static fast-tier params' search ranges
     base = PredictorConfig.default().replace({
@@ -21,14 +21,13 @@ def test_fast_campaign_compiles_once_per_static_key():
         "meta_optimization.log_sig_depth_max": 2, "meta_optimization.wtmm_buffer_size_min": 64,
         "meta_optimization.wtmm_buffer_size_max": 64})
     panel = ornstein_uhlenbeck(160, theta=0.1, seed=0, batch=2)
-    before = compile_counts()
-    opt = BayesianMetaOptimizer(BacktestEvaluator(panel, pad_to=4), {"n_trials": 8, "batch_size": 4},
-                                base, storage="memory:")
-    opt.optimize()
-    after = compile_counts()
-    compiles = sum(after.values()) - sum(before.values())
+    with count_compilations() as counts:
+        opt = BayesianMetaOptimizer(BacktestEvaluator(panel, pad_to=4), {"n_trials": 8, "batch_size": 4},
+                                    base, storage="memory:")
+        opt.optimize()
+    compiles = sum(counts.values())
     statics = {opt.space.config(t.user_attrs["config_params"]).static for t in opt.study.trials}
     assert len(statics) == 1 and opt.evaluation_calls == 2
-    assert compiles <= len(statics), (before, after)
+    assert compiles <= len(statics), counts
     values = [t.user_attrs["objective"] for t in opt.study.trials]
     assert len(set(values)) == 8  # dynamic params really change the backtest
