@@ -153,34 +153,39 @@ def _launch(job: str, run_config: dict) -> str:
     return run_id
 
 
+def _poll(check, timeout: float, failure: str):
+    """``check()``'s first non-None value. The runs live in the daemon's processes and the instance API has no
+    blocking wait, so this polls the instance's storage every POLL_SECONDS up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (found := check()) is None:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{failure} within {timeout:.0f} s")
+        time.sleep(POLL_SECONDS)
+    return found
+
+
 def _wait_for_run(instance, run_id: str, timeout: float, log_path: Path):
     import dagster as dg
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def finished():
         run = instance.get_run_by_id(run_id)
-        if run is not None and run.is_finished:
-            if run.status != dg.DagsterRunStatus.SUCCESS:
-                raise RuntimeError(f"run {run_id} of {run.job_name} ended {run.status.value}; see the Dagster UI "
-                                   f"or {log_path}")
-            return run
-        time.sleep(POLL_SECONDS)
-    raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f} s; see {log_path}")
+        return run if run is not None and run.is_finished else None
+
+    run = _poll(finished, timeout, f"run {run_id} did not finish (see {log_path})")
+    if run.status != dg.DagsterRunStatus.SUCCESS:
+        raise RuntimeError(f"run {run_id} of {run.job_name} ended {run.status.value}; see the Dagster UI or {log_path}")
+    return run
 
 
 def _wait_for_sensor_runs(instance, sha: str, timeout: float, log_path: Path) -> list[str]:
     """Waits for the sensor's run of the file with content ``sha`` (its run key) and for that run to finish."""
     import dagster as dg
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": sha}))
-        if runs:
-            for run in runs:
-                _wait_for_run(instance, run.run_id, max(deadline - time.monotonic(), 1.0), log_path)
-            return [run.run_id for run in runs]
-        time.sleep(POLL_SECONDS)
-    raise TimeoutError(f"incoming_files_sensor launched no run within {timeout:.0f} s; see {log_path}")
+    runs = _poll(lambda: instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": sha})) or None, timeout,
+                 f"incoming_files_sensor launched no run (see {log_path})")
+    for run in runs:
+        _wait_for_run(instance, run.run_id, timeout, log_path)
+    return [run.run_id for run in runs]
 
 
 def _wait_until_idle(instance, timeout: float) -> None:
@@ -190,9 +195,8 @@ def _wait_until_idle(instance, timeout: float) -> None:
 
     active = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
               dg.DagsterRunStatus.STARTED]
-    deadline = time.monotonic() + timeout
-    while instance.get_runs(filters=dg.RunsFilter(statuses=active), limit=1) and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
+    _poll(lambda: None if instance.get_runs(filters=dg.RunsFilter(statuses=active), limit=1) else True, timeout,
+          "runs were still active")
 
 
 def _latest_metadata(instance, asset: str) -> dict:

@@ -4,6 +4,7 @@ sensor's ticks and the materialisations to the code location (asked over GraphQL
 import json
 import os
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -56,8 +57,6 @@ def test_demo_runs_are_attached_to_the_code_location(pipeline_home, monkeypatch)
             data = _graphql(port, QUERY, variables)
             if data["pipelineOrError"]["__typename"] == "Pipeline":
                 break
-            import time
-
             time.sleep(2)
         # the job page lists the demo's daily run
         runs = data["pipelineOrError"]["runs"]

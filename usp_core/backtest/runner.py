@@ -154,7 +154,7 @@ def tuning_panel(cfg: PredictorConfig, panel, min_history: int, max_length: int 
     return Panel(list(data.series_ids), values, stamps, ends - starts)
 
 
-def _target_aligned(x: np.ndarray) -> np.ndarray:
+def target_aligned(x: np.ndarray) -> np.ndarray:
     """Entry t forecasts t + 1 -> entry t holds the forecast OF t (NaN at t = 0)."""
     shifted = np.full(x.shape, np.nan)
     shifted[..., 1:] = x[..., :-1]
@@ -180,7 +180,7 @@ def _model_forecasts(out, values: np.ndarray, level: float, naive_window: int, e
     }
     for k, model in enumerate(KERNEL_MODELS):
         forecasts[model] = bl.kernel_forecast(out.kernel_predictions, out.kernel_sigmas, k, level=level)
-    return {name: bl.BaselineForecast(*(_target_aligned(a) for a in f)) for name, f in forecasts.items()}
+    return {name: bl.BaselineForecast(*(target_aligned(a) for a in f)) for name, f in forecasts.items()}
 
 
 def _metrics_on(mask, values, forecasts, mase_scale, level) -> dict[str, dict[str, np.ndarray]]:

@@ -116,14 +116,15 @@ class ReseededTPESampler(optuna.samplers.BaseSampler):
         self._tpe_kwargs = tpe_kwargs
         self._by_trial: dict[int, TPESampler] = {}
 
-    def _for(self, trial: FrozenTrial) -> TPESampler:
-        sampler = self._by_trial.get(trial.number)
-        if sampler is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                sampler = TPESampler(seed=trial_seed(self._base_seed, trial.number), **self._tpe_kwargs)
-            self._by_trial[trial.number] = sampler
+    def _fresh(self, trial: FrozenTrial) -> TPESampler:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = TPESampler(seed=trial_seed(self._base_seed, trial.number), **self._tpe_kwargs)
+        self._by_trial[trial.number] = sampler
         return sampler
+
+    def _for(self, trial: FrozenTrial) -> TPESampler:
+        return self._by_trial.get(trial.number) or self._fresh(trial)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         return self._for(trial).infer_relative_search_space(study, trial)
@@ -135,7 +136,8 @@ class ReseededTPESampler(optuna.samplers.BaseSampler):
         return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._for(trial).before_trial(study, trial)
+        # a fresh sampler each time a trial starts (also a requeued one), as re-seeding would
+        self._fresh(trial).before_trial(study, trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self._for(trial).after_trial(study, trial, state, values)

@@ -101,13 +101,12 @@ def _parallel_coordinates(study: optuna.Study, path: Path) -> bool:
             ax = ovm.plot_parallel_coordinate(study)
         except (ValueError, RuntimeError, ImportError):
             return False
+    import matplotlib.pyplot as plt
+
     fig = ax.figure
     fig.set_size_inches(10, 5)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    fig.clf()
-    import matplotlib.pyplot as plt
-
     plt.close(fig)  # optuna draws on a pyplot figure
     return True
 

@@ -22,6 +22,7 @@ def champion_backtest(
     """Walk-forward metrics of the current champion config over every validated series."""
     from usp_core.backtest.metrics import OBJECTIVE_DESCRIPTIONS
     from usp_core.paths import dagster_home
+    from usp_core.tuning.tracking import dagster_link_tags, log_finished_run
     from usp_pipeline.defs.common.core_adapters import backtest_summary
 
     cfg = config_store.load()
@@ -30,7 +31,6 @@ def champion_backtest(
     summary = backtest_summary(cfg, validated_observations, plot_dir)
     level = float(cfg["core.interval_level"])
     agg = summary["aggregate"]
-    from usp_core.tuning.tracking import dagster_link_tags, log_finished_run
 
     run_url = log_finished_run(
         mlflow.uri(), mlflow.backtest_experiment, kind="backtest", run_name=f"backtest-{cfg.version}",

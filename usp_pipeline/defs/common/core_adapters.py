@@ -46,31 +46,27 @@ def backtest_plots(cfg, data, result, out_dir: Path, *, max_series: int = 3, las
     """The pictures of a backtest, one function of ``usp_core.plots`` each."""
     import numpy as np
 
-    from usp_core.backtest.runner import GARCH, KERNEL_MODELS, USP
+    from usp_core.backtest.runner import EWMA, GARCH, KERNEL_MODELS, USP, target_aligned
     from usp_core.engine.gate import MODE_NAMES
     from usp_core.kernels import EXPERT_NAMES
     from usp_core.plots import ForecastTrace, fan_chart, skill_chart, weights_chart
 
     out = result.output
-    level = float(cfg["core.interval_level"])
-    traces, shifted = [], lambda a: np.concatenate([[np.nan], np.asarray(a, dtype=np.float64)[:-1]])
+    times = (data.timestamps_ns.astype("datetime64[ns]") if data.timestamps_ns is not None
+             else np.broadcast_to(np.arange(data.values.shape[1]), data.values.shape))
+    forecasts = {k: target_aligned(np.asarray(getattr(out, k), dtype=np.float64)) for k in ("prediction", "lower", "upper")}
+    traces = []
     for b, series_id in enumerate(result.series_ids[:max_series]):
         live = np.isfinite(data.values[b])
-        times = (data.timestamps_ns[b].astype("datetime64[ns]") if data.timestamps_ns is not None
-                 else np.arange(data.values.shape[1]))
-        trace = ForecastTrace(series_id, times[live], data.values[b][live],
-                              *(shifted(np.asarray(getattr(out, k))[b])[live] for k in ("prediction", "lower", "upper")))
-        traces.append(trace.tail(last))
-    plots = {"fan_chart": fan_chart(traces, out_dir / "fan_chart.png", level=level,
+        traces.append(ForecastTrace(series_id, times[b][live], data.values[b][live],
+                                    *(forecasts[k][b][live] for k in ("prediction", "lower", "upper"))).tail(last))
+    plots = {"fan_chart": fan_chart(traces, out_dir / "fan_chart.png", level=float(cfg["core.interval_level"]),
                                     title=f"config {cfg.version}: observed vs one-step forecast")}
-    b = 0
-    live = np.isfinite(np.asarray(out.prediction)[b])
-    times = (data.timestamps_ns[b].astype("datetime64[ns]") if data.timestamps_ns is not None
-             else np.arange(data.values.shape[1]))
-    plots["weights"] = weights_chart(times[live], np.asarray(out.weights)[b][live], np.asarray(out.mode)[b][live],
-                                     EXPERT_NAMES, MODE_NAMES, out_dir / "weights.png", series_id=result.series_ids[b])
+    live = np.isfinite(np.asarray(out.prediction)[0])
+    plots["weights"] = weights_chart(times[0][live], np.asarray(out.weights)[0][live], np.asarray(out.mode)[0][live],
+                                     EXPERT_NAMES, MODE_NAMES, out_dir / "weights.png", series_id=result.series_ids[0])
     skill = result.per_series["crps_skill"]
-    by_model = {name: skill.loc[model].to_dict() for name, model in (("usp", USP), ("garch", GARCH), ("ewma", "ewma"))}
+    by_model = {name: skill.loc[model].to_dict() for name, model in (("usp", USP), ("garch", GARCH), ("ewma", EWMA))}
     by_model["best single kernel"] = skill.loc[list(KERNEL_MODELS)].groupby(level="series_id").max().to_dict()
     plots["skill"] = skill_chart(by_model, out_dir / "skill.png")
     return {name: str(path) for name, path in plots.items()}
