@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from dev_stretches import _value, stretch_panel
 from scipy.optimize import minimize
 
-from dev_stretches import _value, stretch_panel
 from usp_core.backtest.baselines import garch_forecast, naive_forecast
 from usp_core.backtest.metrics import gaussian_crps
 from usp_core.backtest.runner import run_backtest, target_aligned
