@@ -346,12 +346,16 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     forecast, mixture_sigma = _mixture(mixture_weights, tr.predictions, tr.sigmas)
     # The sigma is pooled separately from the mean (SPEC §3.12): the candidates are the experts' sigmas and the
     # mixture's, each scored by the CRPS it would have given the fused forecast, so an expert with a poor mean
-    # but a good volatility model lends its sigma without moving the mean.
+    # but a good volatility model lends its sigma without moving the mean. The pool is geometric (a weighted mean
+    # of log sigmas): a candidate that overstates the scale inflates the interval less than in an arithmetic pool, and it stays scale-
+    # equivariant. On the dev set it beat the arithmetic pool on both stretches (vix's sigma most).
     prev_scales = jnp.append(tr.prev_sigmas, f.mixture_sigma)
     scale_step_losses = fusion.gaussian_crps(tr.value, f.forecast, prev_scales) / tr.increment_scale
     scale_loss = jnp.where(cu.regime_change, 0.0, (1 - rate) * f.scale_loss + rate * scale_step_losses)
     scale_weights = _scale_weights(scale_loss, loss_mass, rate, params, tr.expert_ok)
-    pooled_sigma = jnp.sum(scale_weights * jnp.where(jnp.append(tr.expert_ok, True), jnp.append(tr.sigmas, mixture_sigma), 0.0))
+    candidate_ok = jnp.append(tr.expert_ok, True)
+    log_candidates = jnp.log(jnp.where(candidate_ok, jnp.append(tr.sigmas, mixture_sigma), 1.0))
+    pooled_sigma = jnp.exp(jnp.sum(scale_weights * log_candidates))
     # Interval scale c by coverage tracking (adaptive conformal inference, Gibbs & Candes 2021): log c rises by
     # eta (1 - level) when the interval missed and falls by eta level otherwise, so the long-run miss rate is
     # 1 - level whatever the tails; an RMS calibration would over-widen heavy-tailed series.
