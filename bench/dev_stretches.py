@@ -74,18 +74,29 @@ def summary(df: pd.DataFrame) -> str:
             f"mean emergency {df.emergency.mean():.3f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stretch", choices=("older", "newest"), default="older")
+def stretch_arguments(description: str, default_stretch: str) -> argparse.ArgumentParser:
+    """The options every dev-stretch script shares: which stretch, its length, which series, config overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--stretch", choices=("older", "newest"), default=default_stretch)
     parser.add_argument("--length", type=int, default=1000)
     parser.add_argument("--series", default="", help="comma-separated series ids (default: all 13)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    return parser
+
+
+def stretch_inputs(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
+    """The panel and the config overrides the shared options name."""
+    panel = stretch_panel(args.stretch, args.length, tuple(args.series.split(",")) if args.series else None)
+    return panel, {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+
+
+def main() -> None:
+    parser = stretch_arguments(__doc__.splitlines()[0], "older")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values to sweep")
     parser.add_argument("--table", action="store_true", help="print the per-series table")
     args = parser.parse_args()
 
-    panel = stretch_panel(args.stretch, args.length, tuple(args.series.split(",")) if args.series else None)
-    base = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    panel, base = stretch_inputs(args)
     grid = [(k, [_value(v) for v in values.split(",")]) for k, values in (item.split("=", 1) for item in args.grid)]
     for values in itertools.product(*(v for _, v in grid)):
         changes = dict(zip((k for k, _ in grid), values, strict=True))

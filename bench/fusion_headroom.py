@@ -18,10 +18,8 @@ A small gap in both halves means the pool, not the weighting, limits the forecas
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from dev_stretches import _value, stretch_panel
+from dev_stretches import stretch_arguments, stretch_inputs
 from scipy.optimize import minimize
 
 from usp_core.backtest.baselines import garch_forecast, naive_forecast
@@ -89,14 +87,8 @@ def headroom(cfg: PredictorConfig, panel) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stretch", choices=("older", "newest"), default="newest")
-    parser.add_argument("--length", type=int, default=1000)
-    parser.add_argument("--series", default="", help="comma-separated series ids (default: all 13)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    args = parser.parse_args()
-    panel = stretch_panel(args.stretch, args.length, tuple(args.series.split(",")) if args.series else None)
-    cfg = PredictorConfig.default().replace({k: _value(v) for k, v in (s.split("=", 1) for s in args.set)})
+    panel, overrides = stretch_inputs(stretch_arguments(__doc__.splitlines()[0], "newest").parse_args())
+    cfg = PredictorConfig.default().replace(overrides)
     rows = headroom(cfg, panel)
     print("| series | fused | best expert mean | best convex mean (weights " + ", ".join(EXPERT_NAMES)
           + ") | best expert sigma | GARCH sigma |")
