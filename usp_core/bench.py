@@ -352,6 +352,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    from usp_core.engine.devices import configure_cpu_devices
+
+    configure_cpu_devices()  # before JAX starts; the measuring worker inherits it through the environment
     report = run_bench(args.out, quick=args.quick)
     print(render_markdown(report))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from jaxtyping import Array
 
 from usp_core.config import PredictorConfig
 from usp_core.engine import step as step_mod
+from usp_core.engine.devices import series_devices
 from usp_core.engine.state import PredictorOutput, PredictorState, StepOutput
 from usp_core.paths import project_root
 
@@ -34,12 +36,26 @@ _run_jit = jax.jit(step_mod.run_panel, static_argnames=("static",))
 _run_trials_jit = jax.jit(step_mod.run_trials, static_argnames=("static",))
 _run_trials_shared_jit = jax.jit(step_mod.run_trials_shared, static_argnames=("static",))
 
+
+def _run_split(values, timestamps_ns, now_ns, key, static, params, *, mesh):
+    """``run_panel`` on each device of ``mesh`` for its own block of series (``shard_map``: one program, the
+    body sees only the local block; no collective, nothing crosses devices)."""
+    series, rest = jax.sharding.PartitionSpec("series"), jax.sharding.PartitionSpec()
+    # check_vma off: the scan carries start replicated (initial states) and become per-device; nothing in the
+    # body communicates, so there is no varying-ness to check
+    body = jax.shard_map(lambda v, ts, now, k, prm: step_mod.run_panel(v, ts, now, k, static, prm), mesh=mesh,
+                         in_specs=(series, series, series, rest, rest), out_specs=series, check_vma=False)
+    return body(values, timestamps_ns, now_ns, key, params)
+
+
+_run_split_jit = jax.jit(_run_split, static_argnames=("static", "mesh"))
+
 _T_BUCKET = 256
 
 
 _ENTRY_POINTS = {"init": _init_jit, "step": _step_jit, "step_batch": _step_batch_jit, "init_batch": _init_batch_jit,
                  "advance_batch": _advance_batch_jit, "run": _run_jit, "run_trials": _run_trials_jit,
-                 "run_trials_shared": _run_trials_shared_jit}
+                 "run_trials_shared": _run_trials_shared_jit, "run_split": _run_split_jit}
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's monitoring event of an XLA compile
 
 
@@ -82,6 +98,11 @@ def _bucket(length: int, quantum: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.cache
+def _series_mesh(devices: tuple) -> jax.sharding.Mesh:
+    return jax.make_mesh((len(devices),), ("series",), devices=devices, axis_types=(jax.sharding.AxisType.Explicit,))
 
 
 class Predictor:
@@ -146,7 +167,11 @@ class Predictor:
         return out, new_states
 
     # -- whole series, compiled once (scan over time, vmap over series) -----------------------------------
-    def _prepare(self, values, timestamps_ns, now_ns, bucket: bool):
+    def _prepare(self, values, timestamps_ns, now_ns, bucket: bool, split: bool = False):
+        """Pad to the bucket and place on devices: ``(arrays, mesh, single, b, t)``. Accelerators: the series
+        axis sharded over every local device (``mesh`` None: XLA propagates the sharding). CPU: the default
+        device, or with ``split`` (``run``) and several CPU devices (:mod:`usp_core.engine.devices`) a block
+        of series per device for :func:`_run_split` over ``mesh``."""
         arr = np.asarray(values, dtype=self.dtype)
         single = arr.ndim == 1
         if single:
@@ -162,8 +187,8 @@ class Predictor:
             ts = np.broadcast_to(np.asarray(timestamps_ns, dtype=np.int64), (b, t))
         now = ts if now_ns is None else np.broadcast_to(np.asarray(now_ns, dtype=np.int64), (b, t))
         tb, bb = (_bucket(t, _T_BUCKET), _next_pow2(b)) if bucket else (t, b)
-        # Shard the series axis over accelerators only: XLA:CPU with forced host devices deadlocked executing
-        # the sharded program on a 2-core machine.
+        # GSPMD-sharded series on accelerators. On CPU, ``run`` splits the series over CPU devices with an
+        # explicit shard_map (see usp_core.engine.devices for the deadlock that kept it off before).
         devices = jax.local_device_count() if jax.default_backend() != "cpu" else 1
         if bucket and devices > 1:
             bb = -(-bb // devices) * devices
@@ -180,8 +205,13 @@ class Predictor:
             # Auto axes: XLA propagates the series sharding through the step; nothing inside it is sharding-aware.
             mesh = jax.make_mesh((devices,), ("series",), axis_types=(jax.sharding.AxisType.Auto,))
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("series"))
-            arrays = [jax.device_put(x, sharding) for x in arrays]
-        return arrays, single, b, t
+            return [jax.device_put(x, sharding) for x in arrays], None, single, b, t
+        cpu_devices = series_devices(bb) if split and devices == 1 else []
+        if len(cpu_devices) > 1:
+            mesh = _series_mesh(tuple(cpu_devices))
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("series"))
+            return [jax.device_put(x, sharding) for x in arrays], mesh, single, b, t
+        return arrays, None, single, b, t
 
     @staticmethod
     def _finish(out: StepOutput, single: bool, b: int, t: int, lead: tuple = ()) -> PredictorOutput:
@@ -195,18 +225,26 @@ class Predictor:
 
     def run(self, values, timestamps_ns=None, *, now_ns=None, bucket: bool = True) -> PredictorOutput:
         """Run whole series causally: ``values`` (T,) or (B, T) -> outputs with the same leading axes, where
-        ``out.prediction[..., t]`` forecasts ``values[..., t + 1]`` (NaN before ``min_history - 1``)."""
-        (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
-        out = _run_jit(arr, ts, now, self.key, self.static, self.params)
+        ``out.prediction[..., t]`` forecasts ``values[..., t + 1]`` (NaN before ``min_history - 1``).
+
+        With several CPU devices (:func:`usp_core.engine.devices.configure_cpu_devices`) each runs a block of
+        the series, all at once."""
+        (arr, ts, now), mesh, single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket, split=True)
+        if mesh is None:
+            out = _run_jit(arr, ts, now, self.key, self.static, self.params)
+        else:
+            out = _run_split_jit(arr, ts, now, self.key, self.static, self.params, mesh=mesh)
         return self._finish(out, single, b, t)
 
     def compile_run(self, values, timestamps_ns=None, *, now_ns=None, bucket: bool = True) -> CompiledRun:
         """``run``'s program compiled ahead of time for the shape of ``values`` (JAX's AOT lower/compile): the
         returned callable runs any input of that (bucketed) shape without tracing, and says how long the
         compilation took."""
-        (arr, ts, now), *_ = self._prepare(values, timestamps_ns, now_ns, bucket)
+        (arr, ts, now), mesh, *_ = self._prepare(values, timestamps_ns, now_ns, bucket, split=True)
         start = time.perf_counter()
-        executable = _run_jit.lower(arr, ts, now, self.key, self.static, self.params).compile()
+        lowered = (_run_jit.lower(arr, ts, now, self.key, self.static, self.params) if mesh is None else
+                   _run_split_jit.lower(arr, ts, now, self.key, self.static, self.params, mesh=mesh))
+        executable = lowered.compile()
         return CompiledRun(self, executable, time.perf_counter() - start, bucket)
 
     def run_trials(self, values, params_batch: dict[str, Any], timestamps_ns=None, *, now_ns=None,
@@ -218,7 +256,7 @@ class Predictor:
         trials agree on every kernel-side parameter the kernels run once and only the fusion is vmapped over
         trials (``run_trials_shared``), which is what makes a batch of fusion trials cheap.
         """
-        (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
+        (arr, ts, now), _, single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
         missing = set(self.params) - set(params_batch)
         if missing:
             raise ValueError(f"params_batch lacks dynamic parameters: {sorted(missing)}")
@@ -243,7 +281,7 @@ class CompiledRun:
 
     def __call__(self, values, timestamps_ns=None, *, now_ns=None) -> PredictorOutput:
         p = self.predictor
-        (arr, ts, now), single, b, t = p._prepare(values, timestamps_ns, now_ns, self.bucket)
+        (arr, ts, now), _, single, b, t = p._prepare(values, timestamps_ns, now_ns, self.bucket, split=True)
         return p._finish(self.executable(arr, ts, now, p.key, p.params), single, b, t)
 
 
