@@ -72,11 +72,12 @@ def _interval_z(params) -> Float[Array, ""]:
     return ndtri(0.5 + 0.5 * params["interval_level"])
 
 
-def _forecast_all(window, carries, key, static, params):
+def _forecast_all(window, carries, key, static, params, accept=True):
     """Every expert's forecast of the next value. An expert whose prediction or sigma is not finite (SPEC §3.13), or
-    outside ``EXPERT_ENVELOPE``,
-    keeps its previous carry, and its output is replaced by the last value with the window's scale (so nothing
-    non-finite reaches the fusion state) and flagged in ``ok``."""
+    outside ``EXPERT_ENVELOPE``, keeps its previous carry, and its output is replaced by the last value with the
+    window's scale (so nothing non-finite reaches the fusion state) and flagged in ``ok``. Where ``accept`` is
+    False (a rejected observation) every expert keeps its carry: one select per carry serves both cases (the DGM's
+    network and optimiser state are most of a step's memory traffic)."""
     keys = jax.random.split(key, NUM_EXPERTS)
     results = [k.forecast(window, c, kk, static, params) for k, c, kk in zip(EXPERTS, carries, keys, strict=True)]
     raw_preds = jnp.stack([r.prediction for r in results])
@@ -88,8 +89,9 @@ def _forecast_all(window, carries, key, static, params):
           & (jnp.abs(raw_preds - jnp.mean(window)) <= envelope) & (raw_sigmas <= envelope))
     preds = jnp.where(ok, raw_preds, window[-1])
     sigmas = jnp.where(ok, raw_sigmas, scale)
+    keep = ok & accept
     new_carries = tuple(jax.tree.map(lambda new, old, good=good: jnp.where(good, new, old), r.carry, c)
-                        for r, c, good in zip(results, carries, ok, strict=True))
+                        for r, c, good in zip(results, carries, keep, strict=True))
     meta: dict[str, Array] = {}
     for r in results:
         meta.update(r.metadata)
@@ -250,19 +252,22 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     # 6. window update and the kernels' forecasts of y_{t+1} (thresholds from the previous Hoelder exponent)
     key, forecast_key = jax.random.split(k.key)
     aug = _with_adaptive(params, k.holder_exponent)
-    preds, sigmas, ok, meta, carries = _forecast_all(window, k.kernel_carries, forecast_key, static, aug)
+    preds, sigmas, ok, meta, carries = _forecast_all(window, k.kernel_carries, forecast_key, static, aug,
+                                                     accept=~rejected)
     entropy, collapsed = _entropy_metadata(meta, dtype)
     accepted = KernelState(
-        window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
+        window=window, kernel_carries=k.kernel_carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
         holder_exponent=meta.get("holder_exponent", k.holder_exponent), dgm_entropy=entropy, mode_collapse=collapsed,
         degraded=degraded, clean_streak=clean_streak, frozen=frozen,
         reference_variance=jnp.where(frozen, k.reference_variance, jnp.var(window)),
         last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), cadence_ns=cadence,
         consecutive_outliers=decision.consecutive_outliers,
         steps=k.steps + 1, key=key)
-    # A rejected observation changes nothing but the gate counters (SPEC §3.3 step 1).
+    # A rejected observation changes nothing but the gate counters (SPEC §3.3 step 1); the carries were kept by
+    # _forecast_all already
     new = jax.tree.map(lambda old, fresh: jnp.where(rejected, old, fresh), k, accepted)
-    new = eqx.tree_at(lambda s: s.consecutive_outliers, new, decision.consecutive_outliers)
+    new = eqx.tree_at(lambda s: (s.kernel_carries, s.consecutive_outliers), new,
+                      (carries, decision.consecutive_outliers))
     track = KernelTrack(
         rejected=rejected, non_finite=decision.non_finite, outlier=decision.outlier,
         out_of_order=decision.out_of_order, stale=decision.stale, gap=decision.gap, frozen=new.frozen,

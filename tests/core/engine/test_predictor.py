@@ -76,19 +76,29 @@ def test_determinism(predictor):
     _assert_same(predictor.run(x), predictor.run(x))
 
 
-def test_vmap_parity(predictor):
+@pytest.mark.parametrize(("dgm_dtype", "tolerance"), [("float64", 1e-12), ("float32", 1e-6)])
+def test_vmap_parity(small_config, dgm_dtype, tolerance):
+    """A series' outputs do not depend on the panel it runs in. In float64 to rounding; a float32 DGM (the
+    default) sums in a batch-shape-dependent order (~1e-8 relative, measured 9e-9 here), which its online Adam
+    steps can amplify over long runs, so the float32 bound is looser."""
+    predictor = Predictor(small_config.replace({"kernels.dgm_dtype": dgm_dtype}))
     x = _panel(6)
     together = predictor.run(x)
     for i in range(B):
         alone = predictor.run(x[i])
         for name in FLOAT_FIELDS + ("weights", "kernel_predictions"):
-            np.testing.assert_allclose(getattr(together, name)[i], getattr(alone, name), rtol=1e-12, atol=1e-12,
-                                       err_msg=name)
+            np.testing.assert_allclose(getattr(together, name)[i], getattr(alone, name), rtol=tolerance,
+                                       atol=tolerance, err_msg=name)
         for name in EXACT_FIELDS:
             np.testing.assert_array_equal(getattr(together, name)[i], getattr(alone, name), err_msg=name)
 
 
-def test_step_loop_equals_run(predictor):
+@pytest.mark.parametrize(("dgm_dtype", "tolerance"), [("float64", 1e-9), ("float32", 1e-3)])
+def test_step_loop_equals_run(small_config, dgm_dtype, tolerance):
+    """p.step one observation at a time gives p.run's outputs. A float32 DGM (the default) rounds differently in
+    the two programs (XLA fuses the step and the scan body apart): 3e-6 relative in sigma at the first step, and
+    its Adam steps amplify that to ~1e-4 in the weights within 40 steps here."""
+    predictor = Predictor(small_config.replace({"kernels.dgm_dtype": dgm_dtype}))
     x = _panel(7, b=1)[0][:70]
     out = predictor.run(x, bucket=False)
     m = predictor.min_history
@@ -96,8 +106,9 @@ def test_step_loop_equals_run(predictor):
     for t in range(m, x.size):
         res, state = predictor.step(state, x[t], timestamp_ns=t)
         for name in FLOAT_FIELDS:
-            np.testing.assert_allclose(getattr(res, name), getattr(out, name)[t], rtol=1e-9, err_msg=f"{name}@{t}")
-        np.testing.assert_allclose(res.weights, out.weights[t], rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(getattr(res, name), getattr(out, name)[t], rtol=tolerance,
+                                       err_msg=f"{name}@{t}")
+        np.testing.assert_allclose(res.weights, out.weights[t], rtol=tolerance, atol=1e-3 * tolerance)
 
 
 def test_weights_stay_on_the_simplex(predictor):

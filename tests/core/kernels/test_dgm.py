@@ -98,7 +98,7 @@ def test_every_field_changes_the_output(small_cfg, series):
         "kernels.dgm_width_size": 16, "kernels.dgm_depth": 3, "kernels.dgm_activation": "softplus",
         "kernels.dgm_train_steps": 2, "kernels.dgm_collocation_points": 12, "kernels.dgm_init_train_steps": 150,
         "kernels.dgm_entropy_num_bins": 37, "kernels.learning_rate": 0.02, "kernels.dgm_bandwidth": 2.0,
-        "kernels.dgm_dtype": "float32",
+        "kernels.dgm_dtype": "float64" if small_cfg["kernels.dgm_dtype"] == "float32" else "float32",
         "kernels.entropy_threshold": min(1.0, 0.5 * (ratio + 1.0)) if base.metadata["mode_collapse"] == 0 else 0.0,
     }
     for name, value in perturbations.items():
@@ -137,7 +137,8 @@ def test_taylor_mode_matches_nested_jvp(activation):
 def test_float32_network_agrees_with_float64(small_cfg, series):
     """dgm_dtype = float32 keeps the network and its optimiser state in float32 and returns core.dtype."""
     key = jax.random.key(3)
-    base = _init_and_forecast(series, small_cfg.static, _params(small_cfg), key)
+    cfg64 = small_cfg.replace({"kernels.dgm_dtype": "float64"})
+    base = _init_and_forecast(series, cfg64.static, _params(cfg64), key)
     cfg32 = small_cfg.replace({"kernels.dgm_dtype": "float32"})
     low = _init_and_forecast(series, cfg32.static, _params(cfg32), key)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(low.carry) if jnp.issubdtype(leaf.dtype, jnp.floating))
