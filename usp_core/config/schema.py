@@ -167,8 +167,9 @@ FIELDS: tuple[Field, ...] = (
     _f("kernels", "kernel_ridge_lambda", 1e-4, 1e-10, 10.0,
        "Ridge regularisation of Kernel A, added to the estimated noise-to-signal ratio of its GP view.",
        tier="deep", log=True, search_low=1e-8, search_high=1e-3),
-    _i("kernels", "kernel_a_noise_iterations", 1, 0, 10,
-       "Fixed-point refits of Kernel A's noise variance (one Cholesky each).", static=True),
+    _i("kernels", "kernel_a_noise_iterations", 0, 0, 10,
+       "Fixed-point refits of Kernel A's noise variance per step beyond the one fit warm-started from the previous "
+       "step's ratio (one Cholesky each).", static=True),
     _s("kernels", "kernel_a_target", "increment", ("increment", "level"),
        "Kernel A regresses the next increment (falls back to the last value off the data) or the next level.",
        static=True),

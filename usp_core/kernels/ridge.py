@@ -2,10 +2,13 @@
 
 Forecast: the z-scored window is delay-embedded (x_i = z[i : i + d]) and a Gaussian kernel with the
 median-heuristic bandwidth times ``kernel_a_bandwidth`` gives a kernel ridge / GP regression of the next
-increment (or level, ``kernel_a_target``). Its noise-to-signal ratio is estimated from the data: starting
-from s = lambda + 1, each of ``kernel_a_noise_iterations`` refits sets s = lambda + sigma_n^2 / sigma_f^2 with
-the degrees-of-freedom-corrected in-sample residual variance sigma_n^2 = RSS / (m - tr H) and
-sigma_f^2 = mean(y^2) - sigma_n^2, so a tiny ``kernel_ridge_lambda`` cannot interpolate the noise.
+increment (or level, ``kernel_a_target``). Its noise-to-signal ratio r is estimated from the data by the fixed
+point r = sigma_n^2 / sigma_f^2 of the fit with s = lambda + r, where sigma_n^2 = RSS / (m - tr H) is the
+degrees-of-freedom-corrected in-sample residual variance and sigma_f^2 = mean(y^2) - sigma_n^2, so a tiny
+``kernel_ridge_lambda`` cannot interpolate the noise. The iteration runs across time: each step fits once with
+the ratio of the previous step's fit (carried), plus ``kernel_a_noise_iterations`` refits; the initial window
+iterates ``INITIAL_NOISE_FITS`` times from r = 1. Consecutive windows share all but one point, so the carried
+ratio is the converged one to within a step's change, at one Cholesky per step.
 sigma^2 = GP posterior variance sigma_f^2 (1 - k*' (K + s I)^-1 k*) + sigma_n^2.
 
 Metadata ``holder_exponent``: WTMM estimate (usp_core.kernels.wtmm) on a history buffer of length
@@ -30,11 +33,16 @@ METADATA_KEYS: tuple[str, ...] = ("holder_exponent",)
 INITIAL_NOISE_RATIO = 1.0
 """Noise-to-signal ratio of the first fit: z-scored data have unit variance, so noise cannot exceed ~1."""
 
+INITIAL_NOISE_FITS = 4
+"""Fixed-point fits of the noise ratio on the initial window (once, at init)."""
+
 
 class RidgeCarry(NamedTuple):
     history: Float[Array, " L"]
     """Right-aligned history (newest last) for the WTMM; the first L - n_valid entries are unfilled."""
     n_valid: Int[Array, ""]
+    noise_ratio: Float[Array, ""]
+    """sigma_n^2 / sigma_f^2 of the last fit: where the next step's fit starts."""
 
 
 def history_length(static) -> int:
@@ -97,11 +105,13 @@ def fit_ridge(gram: Float[Array, "m m"], y: Float[Array, " m"], ratio: Float[Arr
     return RidgeFit(chol_inv, alpha, noise_var, signal_var)
 
 
-def krr_forecast(z: Float[Array, " n"], static, params) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """One-step forecast and predictive std on the z scale. With ``kernel_a_target = "increment"`` the
-    regression target is the next increment, so far from the training inputs (trends, random walks) the
-    forecast falls back to the last value; with "level" it is the next value (better on stationary
-    oscillations, worse on persistent series)."""
+def krr_forecast(z: Float[Array, " n"], static, params, noise_ratio: Float[Array, ""] | float = INITIAL_NOISE_RATIO,
+                 refits: int | None = None) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
+    """One-step forecast, predictive std on the z scale and the fit's noise ratio, from a fit with
+    s = lambda + ``noise_ratio`` and ``refits`` more (default ``kernel_a_noise_iterations``). With
+    ``kernel_a_target = "increment"`` the regression target is the next increment, so far from the training
+    inputs (trends, random walks) the forecast falls back to the last value; with "level" it is the next value
+    (better on stationary oscillations, worse on persistent series)."""
     x, target, query = delay_embed(z, static.kernel_a_embedding_dim)
     persistence = 1.0 if static.kernel_a_target == "increment" else 0.0
     y = target - persistence * x[:, -1]
@@ -111,8 +121,8 @@ def krr_forecast(z: Float[Array, " n"], static, params) -> tuple[Float[Array, ""
     k_star = jnp.exp(-gaussian_gram(x, query[None, :])[:, 0] / (2.0 * bandwidth**2))
     lam = params["kernel_ridge_lambda"]
 
-    fit = fit_ridge(gram, y, lam + INITIAL_NOISE_RATIO)
-    for _ in range(static.kernel_a_noise_iterations):
+    fit = fit_ridge(gram, y, lam + noise_ratio)
+    for _ in range(static.kernel_a_noise_iterations if refits is None else refits):
         fit = fit_ridge(gram, y, lam + fit.noise_var / fit.signal_var)
 
     mean = k_star @ fit.alpha
@@ -120,27 +130,31 @@ def krr_forecast(z: Float[Array, " n"], static, params) -> tuple[Float[Array, ""
     sigma = jnp.sqrt(fit.signal_var * jnp.maximum(1.0 - v @ v, 0.0) + fit.noise_var)
     # a numerically failed Cholesky (NaN) falls back to the last value with unit z-scale uncertainty
     ok = jnp.isfinite(mean) & jnp.isfinite(sigma)
-    return persistence * z[-1] + jnp.where(ok, mean, 0.0), jnp.where(ok, sigma, 1.0)
+    ratio = fit.noise_var / fit.signal_var
+    next_ratio = jnp.where(jnp.isfinite(ratio), ratio, noise_ratio).astype(z.dtype)
+    return persistence * z[-1] + jnp.where(ok, mean, 0.0), jnp.where(ok, sigma, 1.0), next_ratio
 
 
 def init_carry(past: Float[Array, " m"], static, params, key) -> RidgeCarry:
     length = history_length(static)
     tail = past[-length:]
     history = jnp.zeros(length, past.dtype).at[length - tail.shape[0]:].set(tail)
-    return RidgeCarry(history, jnp.asarray(tail.shape[0], jnp.int32))
+    z, _, _ = zscore(past[-static.base_min_signal_length:], params["numerical_epsilon"])
+    *_, ratio = krr_forecast(z, static, params, refits=INITIAL_NOISE_FITS - 1)
+    return RidgeCarry(history, jnp.asarray(tail.shape[0], jnp.int32), ratio)
 
 
-def append(carry: RidgeCarry, value: Float[Array, ""]) -> RidgeCarry:
+def append(carry: RidgeCarry, value: Float[Array, ""], noise_ratio: Float[Array, ""]) -> RidgeCarry:
     history = jnp.roll(carry.history, -1).at[-1].set(value)
-    return RidgeCarry(history, jnp.minimum(carry.n_valid + 1, carry.history.shape[0]))
+    return RidgeCarry(history, jnp.minimum(carry.n_valid + 1, carry.history.shape[0]), noise_ratio)
 
 
 def forecast(window: Float[Array, " n"], carry: RidgeCarry, key, static, params) -> KernelResult:
     eps = params["numerical_epsilon"]
     z, loc, scale = zscore(window, eps)
-    pred_z, sigma_z = krr_forecast(z, static, params)
+    pred_z, sigma_z, ratio = krr_forecast(z, static, params, carry.noise_ratio)
     pred, sigma = to_data_units(pred_z, sigma_z, loc, scale, eps)
-    carry = append(carry, window[-1])
+    carry = append(carry, window[-1], ratio)
     h = holder_exponent(carry.history, carry.n_valid, static, params)
     return KernelResult(pred, sigma, {"holder_exponent": h}, carry)
 
