@@ -100,6 +100,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+_B_QUANTUM = 8
+
+
+def _batch_bucket(b: int) -> int:
+    """Padded batch size: a power of two up to ``_B_QUANTUM``, then a multiple of it (130 series run as 136, not
+    256; a program per 8 series of panel size)."""
+    return _next_pow2(b) if b <= _B_QUANTUM else _bucket(b, _B_QUANTUM)
+
+
 @functools.cache
 def _series_mesh(devices: tuple) -> jax.sharding.Mesh:
     return jax.make_mesh((len(devices),), ("series",), devices=devices, axis_types=(jax.sharding.AxisType.Explicit,))
@@ -186,7 +195,7 @@ class Predictor:
         else:
             ts = np.broadcast_to(np.asarray(timestamps_ns, dtype=np.int64), (b, t))
         now = ts if now_ns is None else np.broadcast_to(np.asarray(now_ns, dtype=np.int64), (b, t))
-        tb, bb = (_bucket(t, _T_BUCKET), _next_pow2(b)) if bucket else (t, b)
+        tb, bb = (_bucket(t, _T_BUCKET), _batch_bucket(b)) if bucket else (t, b)
         # GSPMD-sharded series on accelerators. On CPU, ``run`` splits the series over CPU devices with an
         # explicit shard_map (see usp_core.engine.devices for the deadlock that kept it off before).
         devices = jax.local_device_count() if jax.default_backend() != "cpu" else 1
