@@ -24,6 +24,7 @@ from usp_core.data import synthetic
 
 FULL_GRID = {"batch": (1, 16, 64, 256), "length": (500, 2000)}
 QUICK_GRID = {"batch": (1, 16, 64), "length": (500,)}
+GPU_GRID = {"batch": (1, 64, 256, 1024, 4096), "length": (500, 2000)}  # issue 13: B up to 4096 on a GPU
 RATIO_POINT = (64, 1000)
 RECOMPILE_POINT = (4, 300)  # compile counts do not depend on the shape: keep this check cheap
 TRIALS_K = 8
@@ -197,7 +198,7 @@ def _measure(name: str, cfg_values: dict[str, Any], kwargs: dict[str, Any]) -> d
 def _tasks(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, measure, kwargs): the SPEC §9 ratios first, then the throughput grid from the cheapest shape up,
     so that a time budget cuts the largest shapes."""
-    grid = QUICK_GRID if quick else FULL_GRID
+    grid = QUICK_GRID if quick else GPU_GRID if jax.default_backend() == "gpu" else FULL_GRID
     shapes = sorted(((b, t) for b in grid["batch"] for t in grid["length"]), key=lambda bt: bt[0] * bt[1])
     ratio_b, ratio_t = RATIO_POINT
     return [
