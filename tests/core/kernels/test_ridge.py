@@ -11,6 +11,7 @@ import pytest
 from usp_core.config.loader import PredictorConfig
 from usp_core.data.synthetic import ar_process, fractional_brownian_motion, noisy_sine
 from usp_core.kernels import ridge
+from usp_core.kernels.contract import zscore
 
 KEY = jax.random.key(0)
 
@@ -144,3 +145,17 @@ def test_beats_naive_with_calibrated_intervals(process):
     assert mse_ratio < 0.9
     assert abs(coverage - 0.95) <= 0.03  # 1424 forecasts: binomial std 0.006
     assert bool(jnp.all(jnp.isfinite(holder)))
+
+
+def test_noise_ratio_carried_across_steps_reaches_the_refit_fixed_point():
+    """One fit per step from the carried ratio: on a window that stops changing, the carried ratio converges to
+    the fixed point that many refits in one step reach (the noise estimate of the old, per-step iteration)."""
+    cfg = PredictorConfig.default()
+    params = cfg.dynamic_params()
+    z, _, _ = zscore(jnp.asarray(noisy_sine(cfg.static.base_min_signal_length, seed=4)), params["numerical_epsilon"])
+    *_, fixed_point = ridge.krr_forecast(z, cfg.static, params, refits=30)
+    ratio = jnp.asarray(ridge.INITIAL_NOISE_RATIO)
+    for _ in range(30):
+        *_, ratio = ridge.krr_forecast(z, cfg.static, params, ratio, refits=0)
+    assert float(ratio) == pytest.approx(float(fixed_point), rel=1e-6)
+    assert abs(float(ratio) - ridge.INITIAL_NOISE_RATIO) > 1e-3  # it moved off the starting value
