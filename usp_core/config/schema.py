@@ -234,8 +234,8 @@ FIELDS: tuple[Field, ...] = (
        "Kernel D's RLS down-weights feature vectors whose squared Mahalanobis distance exceeds this times their dimension."),
     _f("kernels", "anchor_mean_window", 500.0, 10.0, 1e6,
        "Span of the long-mean anchor expert: the mean of all past values, then an EMA of this span."),
-    _f("kernels", "anchor_volatility_rate", 0.06, 1e-3, 1.0,
-       "EWMA rate of the long-mean anchor's conditional variance (RiskMetrics: 0.06 for daily data)."),
+    _f("kernels", "anchor_volatility_memory", 500.0, 10.0, 1e6,
+       "Span of the discounted likelihood that weighs the long-mean anchor's GJR-GARCH variance filters."),
     # -- validation --------------------------------------------------------------------------------------
     _f("validation", "validation_simplex_atol", 1e-6, 1e-14, 1e-2, "Sinkhorn converged when max marginal error <= this."),
     # -- backtest (SPEC 4) -------------------------------------------------------------------------------
