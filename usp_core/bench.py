@@ -167,6 +167,8 @@ def dev_accuracy(cfg, max_length: int) -> dict[str, Any]:
         row["mean_weights"] = dict(zip(EXPERT_NAMES, np.asarray(out.weights)[b][live].mean(axis=0).tolist(), strict=True))
         row["mean_scale_weights"] = dict(zip((*EXPERT_NAMES, "mixture"),
                                              np.asarray(out.scale_weights)[b][live].mean(axis=0).tolist(), strict=True))
+        row["mean_selection_weights"] = dict(zip(("fused", *EXPERT_NAMES),
+                                                 np.asarray(out.selection_weights)[b][live].mean(axis=0).tolist(), strict=True))
         rows.append(row)
     aggregate = {model: {k: float(v) for k, v in result.aggregate.loc[model, ["mase", "crps_skill", "coverage"]].items()}
                  for model in MODELS}
@@ -315,18 +317,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['series_id']} | " + " | ".join(cell(row[mdl]) for mdl in models) + " |")
         lines.append("| **mean** | " + " | ".join(cell(dev["aggregate"][mdl]) for mdl in models) + " |")
         sigma_names = list(dev["rows"][0].get("mean_scale_weights", {}))
-        lines += ["", "Fusion per series: emergency fraction, mean weights of the experts' means and of the candidate "
-                  "sigmas, fused CRPS relative to the best single kernel and to GARCH(1,1) (< 0: the fused forecast is "
-                  "better):", "",
+        selection_names = list(dev["rows"][0].get("mean_selection_weights", {}))
+        lines += ["", "Fusion per series: emergency fraction, mean weights of the experts' means, of the candidate "
+                  "sigmas and of the final selection (the fused forecast, then each expert whole), usp's CRPS relative "
+                  "to the best single kernel and to GARCH(1,1) (< 0: usp is better):", "",
                   "| series | emergency | weights (" + ", ".join(dev["rows"][0]["mean_weights"]) + ") | sigma weights ("
-                  + ", ".join(sigma_names) + ") | vs best kernel | vs GARCH |",
-                  "|---|---|---|---|---|---|"]
+                  + ", ".join(sigma_names) + ") | selection (" + ", ".join(selection_names)
+                  + ") | vs best kernel | vs GARCH |",
+                  "|---|---|---|---|---|---|---|"]
         experts = [mdl for mdl in models if mdl.startswith("kernel_")]
         for row in dev["rows"]:
             best = min(row[mdl]["crps"] for mdl in experts)
             weights = " ".join(f"{w:.2f}" for w in row["mean_weights"].values())
             sigma_weights = " ".join(f"{w:.2f}" for w in row.get("mean_scale_weights", {}).values()) or "-"
-            lines.append(f"| {row['series_id']} | {row['emergency_fraction']:.2f} | {weights} | {sigma_weights} | "
+            selection = " ".join(f"{w:.2f}" for w in row.get("mean_selection_weights", {}).values()) or "-"
+            lines.append(f"| {row['series_id']} | {row['emergency_fraction']:.2f} | {weights} | {sigma_weights} | {selection} | "
                          f"{row['usp']['crps'] / best - 1:+.3f} | {row['usp']['crps'] / row['garch']['crps'] - 1:+.3f} |")
         lines += ["", "Sources: " + "; ".join(f"{p['series_id']} = {p['package']}.{p['dataset']}[{p['column']}], {p['transformation']}"
                                              for p in dev["provenance"]) + "."]

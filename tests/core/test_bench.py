@@ -31,7 +31,8 @@ def _fake_report(backend: str = "cpu") -> dict:
         "dev": {"max_length": 500, "level": 0.95, "aggregate": models,
                 "rows": [{"series_id": "vix", **models, "emergency_fraction": 0.02,
                           "mean_weights": {"kernel_ridge": 0.7, "last_value": 0.3},
-                          "mean_scale_weights": {"kernel_ridge": 0.4, "last_value": 0.5, "mixture": 0.1}}],
+                          "mean_scale_weights": {"kernel_ridge": 0.4, "last_value": 0.5, "mixture": 0.1},
+                          "mean_selection_weights": {"fused": 0.6, "kernel_ridge": 0.1, "last_value": 0.3}}],
                 "provenance": [{"series_id": "vix", "package": "arch", "dataset": "vix", "column": "vix", "transformation": "none"}]},
         "total_s": 60.0,
     }
@@ -46,8 +47,8 @@ def test_markdown_table_has_every_section(tmp_path):
     assert "| recompilations when only dynamic params change | 0 | 0 |" in text
     assert "| vix | 1.00 / 0.10 / 0.95 | 1.00 / 0.10 / 0.95 |" in text
     assert ("| series | emergency | weights (kernel_ridge, last_value) | sigma weights (kernel_ridge, last_value, mixture) "
-            "| vs best kernel | vs GARCH |") in text
-    assert "| vix | 0.02 | 0.70 0.30 | 0.40 0.50 0.10 | +0.111 | +0.250 |" in text
+            "| selection (fused, kernel_ridge, last_value) | vs best kernel | vs GARCH |") in text
+    assert "| vix | 0.02 | 0.70 0.30 | 0.40 0.50 0.10 | 0.60 0.10 0.30 | +0.111 | +0.250 |" in text
     assert "Skipped to stay within the time budget: throughput B=256 T=2000" in text
     assert "GPU: not measured" in text
     assert json.loads((tmp_path / "bench.json").read_text())["speedup_vs_step_loop"] == 128.0

@@ -56,7 +56,7 @@ class KernelState(eqx.Module):
 class FusionState(eqx.Module):
     """What the fusion, CUSUM and calibration carry."""
 
-    forecast: Float[Array, ""]  # y_hat_{t+1|t}
+    forecast: Float[Array, ""]  # fused y_hat_{t+1|t} (its residual drives CUSUM and the fusion's calibration)
     forecast_sigma: Float[Array, ""]  # calibrated predictive sigma of the fused forecast
     mixture_sigma: Float[Array, ""]  # std of the weighted mixture (one of the candidate sigmas)
     weights: Float[Array, " k"]
@@ -68,6 +68,10 @@ class FusionState(eqx.Module):
     pooled_sigma: Float[Array, ""]  # scale-weighted candidate sigma, before the interval scale and GARCH factor
     log_interval_scale: Float[Array, ""]  # log c of the coverage tracker
     garch_variance: Float[Array, ""]  # GARCH(1,1) factor g on (e / (pooled_sigma c))^2 (SPEC §3.12)
+    selection_score: Float[Array, " k1"]  # discounted CRPS sums: the fused forecast, then each expert whole
+    log_selection_scale: Float[Array, ""]  # log of the coverage tracker's scale of the selected interval
+    output_forecast: Float[Array, ""]  # the selected forecast: the prediction the step outputs
+    output_sigma: Float[Array, ""]
     cusum_g_plus: Float[Array, ""]
     cusum_g_minus: Float[Array, ""]
     cusum_h: Float[Array, ""]
@@ -91,7 +95,8 @@ class PredictorState(eqx.Module):
 
     @property
     def forecast(self) -> Float[Array, ""]:
-        return self.fusion.forecast
+        """The prediction of the next value the step output (the selected forecast)."""
+        return self.fusion.output_forecast
 
     @property
     def weights(self) -> Float[Array, " k"]:
@@ -154,6 +159,7 @@ class StepOutput(NamedTuple):
     frozen: Bool[Array, ""]
     weights: Float[Array, " k"]  # expert order: usp_core.kernels.EXPERT_NAMES
     scale_weights: Float[Array, " k1"]  # weights of the candidate sigmas: the experts', then the mixture's
+    selection_weights: Float[Array, " k1"]  # final selection: the fused forecast, then each expert whole
     kernel_predictions: Float[Array, " k"]
     kernel_sigmas: Float[Array, " k"]
     expert_failed: Bool[Array, " k"]  # non-finite output, excluded from this step's mixture (SPEC §3.13)

@@ -123,6 +123,19 @@ def _scale_weights(scale_loss, loss_mass, rate, params, expert_ok) -> Float[Arra
     return _mixture_weights(target, jnp.append(expert_ok, True))
 
 
+def _selection_weights(score, params, ok) -> Float[Array, " k1"]:
+    """softmax(-eta S) over the fused forecast and the experts whole; a failed expert is left out."""
+    return _mixture_weights(fusion.gibbs_target(score, 1.0 / params["selection_rate"]), ok)
+
+
+def _coverage_step(log_scale, missed, params) -> Float[Array, ""]:
+    """Interval scale c by coverage tracking (adaptive conformal inference, Gibbs & Candes 2021): log c rises by
+    alpha (1 - level) when the interval missed and falls by alpha level otherwise, so the long-run miss rate is
+    1 - level whatever the tails; an RMS calibration would over-widen heavy-tailed series."""
+    step = params["calibration_alpha"] * (missed - (1 - params["interval_level"]))
+    return jnp.clip(log_scale + step, -_LOG_INTERVAL_SCALE_BOUND, _LOG_INTERVAL_SCALE_BOUND)
+
+
 def _zero_telemetry() -> Telemetry:
     return Telemetry(*([jnp.zeros((), jnp.int64)] * len(Telemetry._fields)))
 
@@ -171,6 +184,8 @@ def fusion_init(kernel: KernelState, static, params) -> FusionState:
         potentials=jnp.zeros((2, NUM_EXPERTS), dtype), kernel_loss=jnp.zeros((NUM_EXPERTS,), dtype), loss_mass=zero_f,
         ema_variance=ema_variance, scale_loss=jnp.zeros((NUM_EXPERTS + 1,), dtype), pooled_sigma=mixture_sigma,
         log_interval_scale=zero_f, garch_variance=jnp.ones((), dtype),
+        selection_score=jnp.zeros((NUM_EXPERTS + 1,), dtype), log_selection_scale=zero_f, output_forecast=forecast,
+        output_sigma=mixture_sigma,
         cusum_g_plus=zero_f, cusum_g_minus=zero_f,
         cusum_h=cusum.cusum_threshold(params["kurtosis_reference"], params["cusum_h"], params["kurtosis_reference"]),
         grace=zero_i, z_window=jnp.zeros((static.residual_window_size,), dtype), z_count=zero_i,
@@ -187,6 +202,7 @@ def _initial_output(kernel: KernelState, fused: FusionState, params) -> StepOutp
     return _output(fused, params, predictions=kernel.kernel_predictions, sigmas=kernel.kernel_sigmas,
                    expert_ok=kernel.expert_ok, weights=_mixture_weights(fused.weights, kernel.expert_ok),
                    scale_weights=_mixture_weights(jnp.ones((NUM_EXPERTS + 1,), dtype), jnp.append(kernel.expert_ok, True)),
+                   selection_weights=_mixture_weights(jnp.ones((NUM_EXPERTS + 1,), dtype), jnp.append(True, kernel.expert_ok)),
                    holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, collapsed=kernel.mode_collapse,
                    degraded=kernel.degraded,
                    frozen=kernel.frozen, rejected=false, regime_change=false, outlier=false, stale=false, gap=false,
@@ -201,15 +217,16 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
     return PredictorState(kernel, fused), _initial_output(kernel, fused, params)
 
 
-def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, scale_weights, holder, entropy, collapsed, degraded, frozen, rejected,
+def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, scale_weights, selection_weights, holder, entropy, collapsed, degraded, frozen, rejected,
             regime_change, outlier, stale, gap, free_energy, converged, sinkhorn_error, residual, z_score,
             collapse_warning) -> StepOutput:
-    half_width = _interval_z(params) * f.forecast_sigma
+    half_width = _interval_z(params) * f.output_sigma
     return StepOutput(
-        prediction=f.forecast, lower=f.forecast - half_width, upper=f.forecast + half_width, sigma=f.forecast_sigma,
+        prediction=f.output_forecast, lower=f.output_forecast - half_width, upper=f.output_forecast + half_width,
+        sigma=f.output_sigma,
         mode=gate.operating_mode(f.emergency, degraded), regime_change=regime_change, degraded=degraded,
         emergency=f.emergency, rejected=rejected, outlier=outlier, stale=stale, gap=gap, frozen=frozen,
-        weights=weights, scale_weights=scale_weights, kernel_predictions=predictions, kernel_sigmas=sigmas, expert_failed=~expert_ok,
+        weights=weights, scale_weights=scale_weights, selection_weights=selection_weights, kernel_predictions=predictions, kernel_sigmas=sigmas, expert_failed=~expert_ok,
         epsilon=f.epsilon,
         cusum_h=f.cusum_h, cusum_g_plus=f.cusum_g_plus, cusum_g_minus=f.cusum_g_minus, kurtosis=f.kurtosis,
         holder_exponent=holder, dgm_entropy=entropy, free_energy=free_energy, sinkhorn_converged=converged,
@@ -361,13 +378,8 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     candidate_ok = jnp.append(tr.expert_ok, True)
     log_candidates = jnp.log(jnp.where(candidate_ok, jnp.append(tr.sigmas, mixture_sigma), 1.0))
     pooled_sigma = jnp.exp(jnp.sum(scale_weights * log_candidates))
-    # Interval scale c by coverage tracking (adaptive conformal inference, Gibbs & Candes 2021): log c rises by
-    # eta (1 - level) when the interval missed and falls by eta level otherwise, so the long-run miss rate is
-    # 1 - level whatever the tails; an RMS calibration would over-widen heavy-tailed series.
-    level = params["interval_level"]
     missed = (jnp.abs(residual) > _interval_z(params) * f.forecast_sigma).astype(dtype)
-    log_interval_scale = jnp.clip(f.log_interval_scale + params["calibration_alpha"] * (missed - (1 - level)),
-                                  -_LOG_INTERVAL_SCALE_BOUND, _LOG_INTERVAL_SCALE_BOUND)
+    log_interval_scale = _coverage_step(f.log_interval_scale, missed, params)
     # GARCH(1,1) factor g on u = e / (pooled sigma c) with long-run level 1 (SPEC §3.12):
     # g' = (1 - p) + a u^2 + (p - a) g with a = reaction * p, stationary for any p < 1.
     u2 = jnp.minimum((residual / (f.pooled_sigma * jnp.exp(f.log_interval_scale))) ** 2, _CALIBRATION_Z2_CAP)
@@ -375,6 +387,22 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     reaction = params["calibration_reaction"] * persistence
     garch_variance = (1 - persistence) + reaction * u2 + (persistence - reaction) * f.garch_variance
     forecast_sigma = pooled_sigma * jnp.exp(log_interval_scale) * jnp.sqrt(garch_variance)
+
+    # Final selection (SPEC §3.5 rev. 2): an exponentially weighted average forecaster (Cesa-Bianchi & Lugosi
+    # 2006, ch. 2) over the fused forecast and each expert whole (its mean with its own sigma), on discounted CRPS
+    # sums. The fusion's softmax over mean losses cannot resolve the 1-2 % CRPS differences that separate a
+    # GARCH-like expert from the fused forecast on returns; sums over a long memory can, without a temperature
+    # small enough to chase noise. Its interval has its own coverage tracker (the experts' sigmas are raw).
+    selection_ok = jnp.append(True, tr.expert_ok)
+    selection_losses = fusion.gaussian_crps(tr.value, jnp.append(f.forecast, tr.prev_predictions),
+                                            jnp.append(f.forecast_sigma, tr.prev_sigmas)) / tr.increment_scale
+    selection_score = (1 - 1 / params["selection_memory"]) * f.selection_score + selection_losses
+    selection_weights = _selection_weights(selection_score, params, selection_ok)
+    selection_missed = (jnp.abs(tr.value - f.output_forecast) > _interval_z(params) * f.output_sigma).astype(dtype)
+    log_selection_scale = _coverage_step(f.log_selection_scale, selection_missed, params)
+    output_forecast = jnp.sum(selection_weights * jnp.append(forecast, tr.predictions))
+    output_sigma = jnp.exp(log_selection_scale + jnp.sum(
+        selection_weights * jnp.log(jnp.where(selection_ok, jnp.append(forecast_sigma, tr.sigmas), 1.0))))
 
     # 7. adaptive layer for the next step
     collapse_streak = jnp.where(tr.mode_collapse, f.collapse_streak + 1, 0).astype(jnp.int64)
@@ -388,7 +416,8 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
         forecast=forecast, forecast_sigma=forecast_sigma, mixture_sigma=mixture_sigma, weights=weights,
         potentials=jko_result.potentials, kernel_loss=kernel_loss, loss_mass=loss_mass, ema_variance=ema_variance,
         scale_loss=scale_loss, pooled_sigma=pooled_sigma, log_interval_scale=log_interval_scale,
-        garch_variance=garch_variance, cusum_g_plus=cu.g_plus,
+        garch_variance=garch_variance, selection_score=selection_score, log_selection_scale=log_selection_scale,
+        output_forecast=output_forecast, output_sigma=output_sigma, cusum_g_plus=cu.g_plus,
         cusum_g_minus=cu.g_minus, cusum_h=cusum_h, grace=cu.grace,
         z_window=f.z_window.at[f.z_count % r].set(z), z_count=f.z_count + 1, kurtosis=kurtosis,
         volatility=volatility, epsilon=epsilon, emergency=emergency, collapse_streak=collapse_streak,
@@ -411,6 +440,7 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     out = _output(new, params, predictions=tr.predictions, sigmas=tr.sigmas, expert_ok=tr.expert_ok,
                   weights=jnp.where(rejected, new.weights, mixture_weights),
                   scale_weights=_scale_weights(new.scale_loss, new.loss_mass, rate, params, tr.expert_ok),
+                  selection_weights=_selection_weights(new.selection_score, params, selection_ok),
                   holder=tr.holder_exponent,
                   entropy=tr.dgm_entropy, collapsed=tr.mode_collapse, degraded=tr.degraded, frozen=tr.frozen, rejected=rejected,
                   regime_change=regime_change, outlier=tr.outlier, stale=tr.stale, gap=tr.gap,
