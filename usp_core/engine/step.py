@@ -123,9 +123,11 @@ def _scale_weights(scale_loss, loss_mass, rate, params, expert_ok) -> Float[Arra
     return _mixture_weights(target, jnp.append(expert_ok, True))
 
 
-def _selection_weights(score, params, ok) -> Float[Array, " k1"]:
-    """softmax(-eta S) over the fused forecast and the experts whole; a failed expert is left out."""
-    return _mixture_weights(fusion.gibbs_target(score, 1.0 / params["selection_rate"]), ok)
+def _selection_weights(score, params, ok, force_fused) -> Float[Array, " k1"]:
+    """softmax(-eta S) over the fused forecast and the experts whole; a failed expert is left out. Where
+    ``force_fused`` (the circuit breaker forcing Kernel D, SPEC §3.8) the output is the fused forecast alone."""
+    weights = _mixture_weights(fusion.gibbs_target(score, 1.0 / params["selection_rate"]), ok)
+    return jnp.where(force_fused, jnp.zeros_like(weights).at[0].set(1.0), weights)
 
 
 def _coverage_step(log_scale, missed, params) -> Float[Array, ""]:
@@ -397,7 +399,7 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     selection_losses = fusion.gaussian_crps(tr.value, jnp.append(f.forecast, tr.prev_predictions),
                                             jnp.append(f.forecast_sigma, tr.prev_sigmas)) / tr.increment_scale
     selection_score = (1 - 1 / params["selection_memory"]) * f.selection_score + selection_losses
-    selection_weights = _selection_weights(selection_score, params, selection_ok)
+    selection_weights = _selection_weights(selection_score, params, selection_ok, force_d)
     selection_missed = (jnp.abs(tr.value - f.output_forecast) > _interval_z(params) * f.output_sigma).astype(dtype)
     log_selection_scale = _coverage_step(f.log_selection_scale, selection_missed, params)
     output_forecast = jnp.sum(selection_weights * jnp.append(forecast, tr.predictions))
@@ -440,7 +442,8 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     out = _output(new, params, predictions=tr.predictions, sigmas=tr.sigmas, expert_ok=tr.expert_ok,
                   weights=jnp.where(rejected, new.weights, mixture_weights),
                   scale_weights=_scale_weights(new.scale_loss, new.loss_mass, rate, params, tr.expert_ok),
-                  selection_weights=_selection_weights(new.selection_score, params, selection_ok),
+                  selection_weights=_selection_weights(new.selection_score, params, selection_ok,
+                                                       new.emergency & static.robustness_force_kernel_d),
                   holder=tr.holder_exponent,
                   entropy=tr.dgm_entropy, collapsed=tr.mode_collapse, degraded=tr.degraded, frozen=tr.frozen, rejected=rejected,
                   regime_change=regime_change, outlier=tr.outlier, stale=tr.stale, gap=tr.gap,

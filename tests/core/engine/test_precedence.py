@@ -48,6 +48,9 @@ def test_emergency_forces_kernel_d_over_regime_change_and_grace(base):
     p, state = base
     res, _ = _step(p, _set(state, emergency=True, holder_exponent=0.1, cusum_g_plus=1e3, grace=0))
     np.testing.assert_array_equal(res.weights, KERNEL_D)
+    # the final selection yields to the circuit breaker: the output is Kernel D's forecast
+    np.testing.assert_array_equal(res.selection_weights, [1, 0, 0, 0, 0, 0, 0])
+    assert float(res.prediction) == float(res.kernel_predictions[3])
     res, _ = _step(p, _set(state, emergency=True, holder_exponent=0.1, grace=5))
     np.testing.assert_array_equal(res.weights, KERNEL_D)
     assert int(res.mode) == 2

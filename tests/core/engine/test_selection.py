@@ -52,14 +52,19 @@ def test_selection_weights_follow_the_discounted_crps_sums(small_config):
 
 def test_selection_settles_on_the_long_mean_for_white_noise(small_config):
     """iid N(3, 0.5^2): the long mean with its variance-targeted sigma is the optimal forecast; after 1500
-    steps the selection holds most of its weight there and the output interval covers 93-97 %."""
+    steps the selection holds most of its weight there (outside emergency mode) and the output interval covers
+    93-97 %."""
     x = 3.0 + 0.5 * np.random.default_rng(8).standard_normal(1600)
     p = Predictor(small_config)
     out = p.run(x)
-    weights = np.asarray(out.selection_weights)[-300:]
+    weights, emergency = np.asarray(out.selection_weights)[-300:], np.asarray(out.emergency)[-300:]
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-12)
     long_mean = 1 + EXPERT_NAMES.index("long_mean")
-    assert weights[:, long_mean].mean() > 0.9, weights.mean(0)
+    # the small config's short WTMM buffer trips the circuit breaker now and then: those steps output the fused
+    # forecast (Kernel D), the others the selection
+    assert emergency.mean() < 0.5
+    assert weights[~emergency, long_mean].mean() > 0.9, weights.mean(0)
+    np.testing.assert_array_equal(weights[emergency, 0], 1.0)
     live = slice(p.min_history - 1, len(x) - 1)  # entry t forecasts x[t + 1]
     covered = (out.lower[live] <= x[p.min_history:]) & (x[p.min_history:] <= out.upper[live])
     assert 0.93 <= covered.mean() <= 0.97, covered.mean()
