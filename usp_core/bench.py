@@ -163,12 +163,14 @@ def dev_accuracy(cfg, max_length: int) -> dict[str, Any]:
             row[model] = {"mase": float(m["mase"]), "crps_skill": float(m["crps_skill"]), "coverage": float(m["coverage"]),
                           "crps": float(m["crps"])}
         live = np.isfinite(np.asarray(out.prediction)[b]) & ~np.asarray(out.rejected)[b]
+
+        def mean_over_live(x, names, b=b, live=live):
+            return dict(zip(names, np.asarray(x)[b][live].mean(axis=0).tolist(), strict=True))
+
         row["emergency_fraction"] = float(np.asarray(out.emergency)[b][live].mean())
-        row["mean_weights"] = dict(zip(EXPERT_NAMES, np.asarray(out.weights)[b][live].mean(axis=0).tolist(), strict=True))
-        row["mean_scale_weights"] = dict(zip((*EXPERT_NAMES, "mixture"),
-                                             np.asarray(out.scale_weights)[b][live].mean(axis=0).tolist(), strict=True))
-        row["mean_selection_weights"] = dict(zip(("fused", *EXPERT_NAMES),
-                                                 np.asarray(out.selection_weights)[b][live].mean(axis=0).tolist(), strict=True))
+        row["mean_weights"] = mean_over_live(out.weights, EXPERT_NAMES)
+        row["mean_scale_weights"] = mean_over_live(out.scale_weights, (*EXPERT_NAMES, "mixture"))
+        row["mean_selection_weights"] = mean_over_live(out.selection_weights, ("fused", *EXPERT_NAMES))
         rows.append(row)
     aggregate = {model: {k: float(v) for k, v in result.aggregate.loc[model, ["mase", "crps_skill", "coverage"]].items()}
                  for model in MODELS}

@@ -390,8 +390,8 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     garch_variance = (1 - persistence) + reaction * u2 + (persistence - reaction) * f.garch_variance
     forecast_sigma = pooled_sigma * jnp.exp(log_interval_scale) * jnp.sqrt(garch_variance)
 
-    # Final selection (SPEC §3.5 rev. 2): an exponentially weighted average forecaster (Cesa-Bianchi & Lugosi
-    # 2006, ch. 2) over the fused forecast and each expert whole (its mean with its own sigma), on discounted CRPS
+    # Final selection, after the fusion of SPEC §3.5: an exponentially weighted average forecaster (Cesa-Bianchi &
+    # Lugosi 2006, ch. 2) over the fused forecast and each expert whole (its mean with its own sigma), on discounted CRPS
     # sums. The fusion's softmax over mean losses cannot resolve the 1-2 % CRPS differences that separate a
     # GARCH-like expert from the fused forecast on returns; sums over a long memory can, without a temperature
     # small enough to chase noise. Its interval has its own coverage tracker (the experts' sigmas are raw).
