@@ -225,7 +225,8 @@ def _print_summary(summary: dict, home: Path) -> None:
         f"base config {tune.get('base_config_value')} (tuning folds)"
         f"  (MLflow: {tune.get('mlflow_run', 'n/a')})",
         f"  promotion gate      {gate.get('reason')}",
-        f"  champion config     {champ.get('config_version')} (promoted: {champ.get('promoted')})",
+        f"  champion config     {champ.get('config_version')} (promoted: {champ.get('promoted')}"
+        f"{', ' + champ['reason'] if champ.get('reason') else ''})",
         f"  Dagster runs        daily_pipeline {summary['daily_run']}, inference_job {', '.join(summary['inference_runs'])}",
         f"  observation store   {summary['observations_rows']} rows (`usp ingest FILE|DIR` adds yours)",
         f"  predictions         {summary['predictions_rows']} rows in {summary['duckdb']} "
