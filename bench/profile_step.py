@@ -70,7 +70,7 @@ def _window_scan(fn, static):
 def parts(cfg: PredictorConfig) -> dict:
     static = cfg.static
     params = step_mod._with_adaptive(cfg.dynamic_params(), jnp.asarray(0.5))
-    length = ridge.history_length(static)
+    length = wtmm.analysis_length(static)
     out = {
         "step": lambda v, k: step_mod.run_series(v, jnp.arange(v.shape[0]), jnp.arange(v.shape[0]), k, static,
                                                   cfg.dynamic_params()).prediction,

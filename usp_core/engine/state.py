@@ -39,7 +39,9 @@ class KernelState(eqx.Module):
     kernel_predictions: Float[Array, " k"]  # the experts' forecasts of the next value (finite, SPEC §3.13)
     kernel_sigmas: Float[Array, " k"]
     expert_ok: Bool[Array, " k"]  # False where an expert's raw output was not finite (replaced by the last value)
-    holder_exponent: Float[Array, ""]
+    analysis_buffer: Float[Array, " L"]  # last L accepted observations (the Hoelder estimate's), right-aligned
+    analysis_count: Int[Array, ""]  # filled entries of analysis_buffer
+    holder_exponent: Float[Array, ""]  # of analysis_buffer, refreshed every wtmm_stride steps
     dgm_entropy: Float[Array, ""]
     mode_collapse: Bool[Array, ""]
     degraded: Bool[Array, ""]
@@ -49,7 +51,8 @@ class KernelState(eqx.Module):
     last_timestamp_ns: Int[Array, ""]
     cadence_ns: Float[Array, ""]  # EMA of the intervals between accepted timestamps; 0 until one is seen
     consecutive_outliers: Int[Array, ""]  # gate counter: moves even when the observation is rejected
-    steps: Int[Array, ""]
+    steps: Int[Array, ""]  # accepted observations
+    clock: Int[Array, ""]  # steps since init, rejected ones included (it never depends on the data: see kernel_step)
     key: Key[Array, ""]
 
 

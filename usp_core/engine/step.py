@@ -28,7 +28,7 @@ from usp_core.engine.state import (
     StepOutput,
     Telemetry,
 )
-from usp_core.kernels import EXPERTS, KERNELS, SIGNATURE_INDEX
+from usp_core.kernels import EXPERTS, KERNELS, SIGNATURE_INDEX, wtmm
 
 NUM_KERNELS = len(KERNELS)
 _CALIBRATION_Z2_CAP = 9.0  # a residual beyond 3 sigma counts as 3 sigma: one spike must not triple the next interval
@@ -163,13 +163,16 @@ def kernel_init(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, 
     carries = tuple(k.init_carry(history[:-1], static, aug, kk) for k, kk in zip(EXPERTS, init_keys, strict=True))
     preds, sigmas, ok, meta, carries = _forecast_all(window, carries, forecast_key, static, aug)
     entropy, collapsed = _entropy_metadata(meta, dtype)
+    buffer, count = wtmm.initial_buffer(history, static)
     zero_i = jnp.zeros((), jnp.int64)
     return KernelState(
         window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
-        holder_exponent=meta.get("holder_exponent", holder0), dgm_entropy=entropy, mode_collapse=collapsed,
+        analysis_buffer=buffer, analysis_count=count,
+        holder_exponent=wtmm.holder_exponent(buffer, count, static, params), dgm_entropy=entropy,
+        mode_collapse=collapsed,
         degraded=jnp.asarray(False), clean_streak=zero_i, frozen=jnp.asarray(False),
         reference_variance=jnp.var(window), last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
-        cadence_ns=jnp.zeros((), dtype), consecutive_outliers=zero_i, steps=zero_i, key=key)
+        cadence_ns=jnp.zeros((), dtype), consecutive_outliers=zero_i, steps=zero_i, clock=zero_i, key=key)
 
 
 def fusion_init(kernel: KernelState, static, params) -> FusionState:
@@ -242,6 +245,19 @@ def _cadence(k: KernelState, timestamp_ns) -> Float[Array, ""]:
     return jnp.where(k.cadence_ns > 0, (1 - CADENCE_RATE) * k.cadence_ns + CADENCE_RATE * interval, interval)
 
 
+def _refreshed_holder(k: KernelState, buffer, count, clock, static, params) -> Float[Array, ""]:
+    """The Hoelder exponent of the analysis buffer, recomputed every ``wtmm_stride`` steps (the WTMM is the costliest
+    part of a step, and a 256-point roughness estimate barely moves in a few steps). ``clock`` starts at a constant
+    and counts every step, so inside ``run_panel`` (vmap of a scan) it is the same for all series and the
+    ``lax.cond`` really skips the WTMM; where states arrive batched (``step_batch``) it becomes a select."""
+    def fresh():
+        return wtmm.holder_exponent(buffer, count, static, params)
+
+    if static.wtmm_stride == 1:
+        return fresh()
+    return jax.lax.cond(clock % static.wtmm_stride == 0, fresh, lambda: k.holder_exponent)
+
+
 def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
                 static, params) -> tuple[KernelState, KernelTrack]:
     """Gate the observation, update the window and degraded mode, and let the kernels forecast the next value."""
@@ -274,19 +290,23 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     preds, sigmas, ok, meta, carries = _forecast_all(window, k.kernel_carries, forecast_key, static, aug,
                                                      accept=~rejected)
     entropy, collapsed = _entropy_metadata(meta, dtype)
+    clock = k.clock + 1
+    buffer, count = wtmm.append(k.analysis_buffer, k.analysis_count, y_ok)
     accepted = KernelState(
         window=window, kernel_carries=k.kernel_carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
-        holder_exponent=meta.get("holder_exponent", k.holder_exponent), dgm_entropy=entropy, mode_collapse=collapsed,
+        analysis_buffer=buffer, analysis_count=count,
+        holder_exponent=_refreshed_holder(k, buffer, count, clock, static, params), dgm_entropy=entropy,
+        mode_collapse=collapsed,
         degraded=degraded, clean_streak=clean_streak, frozen=frozen,
         reference_variance=jnp.where(frozen, k.reference_variance, jnp.var(window)),
         last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), cadence_ns=cadence,
         consecutive_outliers=decision.consecutive_outliers,
-        steps=k.steps + 1, key=key)
-    # A rejected observation changes nothing but the gate counters (SPEC §3.3 step 1); the carries were kept by
-    # _forecast_all already
+        steps=k.steps + 1, clock=clock, key=key)
+    # A rejected observation changes nothing but the gate counters and the clock (SPEC §3.3 step 1); the carries
+    # were kept by _forecast_all already. The clock is set outside the select so that it stays data-independent.
     new = jax.tree.map(lambda old, fresh: jnp.where(rejected, old, fresh), k, accepted)
-    new = eqx.tree_at(lambda s: (s.kernel_carries, s.consecutive_outliers), new,
-                      (carries, decision.consecutive_outliers))
+    new = eqx.tree_at(lambda s: (s.kernel_carries, s.consecutive_outliers, s.clock), new,
+                      (carries, decision.consecutive_outliers, clock))
     track = KernelTrack(
         rejected=rejected, non_finite=decision.non_finite, outlier=decision.outlier,
         out_of_order=decision.out_of_order, stale=decision.stale, gap=decision.gap, frozen=new.frozen,

@@ -16,8 +16,8 @@ A forecasting kernel is a pair of pure, jittable, vmappable functions::
 - ``params`` is the dict of dynamic parameters (traced 0-d arrays, see ``PredictorConfig.dynamic_params``)
   plus the adaptive quantities the engine injects each step (``ADAPTIVE_PARAM_KEYS``).
 - ``metadata`` has a fixed set of scalar entries per kernel (``metadata_keys``), for telemetry and the
-  engine (``holder_exponent`` drives emergency mode and stiffness thresholds, ``dgm_entropy_ratio`` mode
-  collapse and capacity scaling).
+  engine (``dgm_entropy_ratio`` drives mode collapse and capacity scaling). The Hoelder exponent, which drives
+  emergency mode and the stiffness thresholds, is the engine's own estimate (``usp_core.kernels.wtmm``).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ iterates ``INITIAL_NOISE_FITS`` times from r = 1. Consecutive windows share all 
 ratio is the converged one to within a step's change, at one Cholesky per step.
 sigma^2 = GP posterior variance sigma_f^2 (1 - k*' (K + s I)^-1 k*) + sigma_n^2.
 
-Metadata ``holder_exponent``: WTMM estimate (usp_core.kernels.wtmm) on a history buffer of length
-max(n, ``wtmm_buffer_size``) carried in the state together with its number of filled entries.
+The Hoelder diagnostic of SPEC §3.4 A (usp_core.kernels.wtmm) reads a longer history than the window; the
+engine keeps that buffer and refreshes the estimate every ``wtmm_stride`` steps (usp_core.engine.step).
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from typing import NamedTuple
 import jax.lax.linalg as lax_linalg
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from usp_core.kernels.contract import ForecastKernel, KernelResult, tiny_floor, to_data_units, zscore
-from usp_core.kernels.wtmm import holder_exponent
 
-METADATA_KEYS: tuple[str, ...] = ("holder_exponent",)
+METADATA_KEYS: tuple[str, ...] = ()
 
 INITIAL_NOISE_RATIO = 1.0
 """Noise-to-signal ratio of the first fit: z-scored data have unit variance, so noise cannot exceed ~1."""
@@ -38,15 +37,8 @@ INITIAL_NOISE_FITS = 4
 
 
 class RidgeCarry(NamedTuple):
-    history: Float[Array, " L"]
-    """Right-aligned history (newest last) for the WTMM; the first L - n_valid entries are unfilled."""
-    n_valid: Int[Array, ""]
     noise_ratio: Float[Array, ""]
     """sigma_n^2 / sigma_f^2 of the last fit: where the next step's fit starts."""
-
-
-def history_length(static) -> int:
-    return max(static.base_min_signal_length, static.wtmm_buffer_size)
 
 
 def delay_embed(z: Float[Array, " n"], dim: int) -> tuple[Float[Array, "m d"], Float[Array, " m"], Float[Array, " d"]]:
@@ -136,17 +128,9 @@ def krr_forecast(z: Float[Array, " n"], static, params, noise_ratio: Float[Array
 
 
 def init_carry(past: Float[Array, " m"], static, params, key) -> RidgeCarry:
-    length = history_length(static)
-    tail = past[-length:]
-    history = jnp.zeros(length, past.dtype).at[length - tail.shape[0]:].set(tail)
     z, _, _ = zscore(past[-static.base_min_signal_length:], params["numerical_epsilon"])
     *_, ratio = krr_forecast(z, static, params, refits=INITIAL_NOISE_FITS - 1)
-    return RidgeCarry(history, jnp.asarray(tail.shape[0], jnp.int32), ratio)
-
-
-def append(carry: RidgeCarry, value: Float[Array, ""], noise_ratio: Float[Array, ""]) -> RidgeCarry:
-    history = jnp.roll(carry.history, -1).at[-1].set(value)
-    return RidgeCarry(history, jnp.minimum(carry.n_valid + 1, carry.history.shape[0]), noise_ratio)
+    return RidgeCarry(ratio)
 
 
 def forecast(window: Float[Array, " n"], carry: RidgeCarry, key, static, params) -> KernelResult:
@@ -154,9 +138,7 @@ def forecast(window: Float[Array, " n"], carry: RidgeCarry, key, static, params)
     z, loc, scale = zscore(window, eps)
     pred_z, sigma_z, ratio = krr_forecast(z, static, params, carry.noise_ratio)
     pred, sigma = to_data_units(pred_z, sigma_z, loc, scale, eps)
-    carry = append(carry, window[-1], ratio)
-    h = holder_exponent(carry.history, carry.n_valid, static, params)
-    return KernelResult(pred, sigma, {"holder_exponent": h}, carry)
+    return KernelResult(pred, sigma, {}, RidgeCarry(ratio))
 
 
 KERNEL = ForecastKernel("ridge", init_carry, forecast, METADATA_KEYS)

@@ -39,6 +39,22 @@ UNDEFINED_HOLDER = 0.5
 """Reported when fewer than two scales carry maxima (e.g. a constant buffer): neutral, Brownian-like."""
 
 
+def analysis_length(static) -> int:
+    """Length of the history buffer the Hoelder exponent reads: the window, or ``wtmm_buffer_size`` if longer."""
+    return max(static.base_min_signal_length, static.wtmm_buffer_size)
+
+
+def initial_buffer(history: Float[Array, " m"], static) -> tuple[Float[Array, " L"], Int[Array, ""]]:
+    """The right-aligned analysis buffer holding the last (up to L) values of ``history``, and its fill count."""
+    length = analysis_length(static)
+    tail = history[-length:]
+    return jnp.zeros(length, history.dtype).at[length - tail.shape[0]:].set(tail), jnp.asarray(tail.shape[0], jnp.int32)
+
+
+def append(buffer: Float[Array, " L"], count: Int[Array, ""], value: Float[Array, ""]) -> tuple[Float[Array, " L"], Int[Array, ""]]:
+    return jnp.roll(buffer, -1).at[-1].set(value), jnp.minimum(count + 1, buffer.shape[0])
+
+
 def max_scale(analysis_length: int, buffer_size: int) -> float:
     """Largest scale: the wavelet's half support SUPPORT_WIDTH * s spans at most min(buffer_size, L / 4)."""
     return max(min(buffer_size, analysis_length / 4.0) / SUPPORT_WIDTH, MIN_SCALE * 1.5)

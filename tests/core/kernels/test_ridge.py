@@ -29,23 +29,21 @@ def _start(series, static, params):
     return window, ridge.init_carry(jnp.asarray(past), static, params, KEY)
 
 
-def test_contract_shapes_and_carry_buffer():
+def test_contract_shapes_and_carried_noise_ratio():
     cfg = PredictorConfig.default()
     static, params = cfg.static, cfg.dynamic_params()
     n = static.base_min_signal_length
     series = jnp.asarray(fractional_brownian_motion(n + 10, 0.5, seed=1))
     window, carry = _start(series, static, params)
-    assert carry.history.shape == (ridge.history_length(static),) and int(carry.n_valid) == n + 9
     result = _forecast(static, params)(window, carry)
-    assert set(result.metadata) == set(ridge.METADATA_KEYS) == {"holder_exponent"}
+    assert set(result.metadata) == set(ridge.METADATA_KEYS) == set()
     assert np.isfinite(float(result.prediction)) and float(result.sigma) > 0.0
-    assert int(result.carry.n_valid) == n + 10
-    np.testing.assert_array_equal(result.carry.history[-(n + 10):], series)
+    assert 0.0 < float(result.carry.noise_ratio) < np.inf
     # vmappable over series with a shared static config
     batch = jnp.stack([window, 2.0 * window + 1.0])
     carries = jax.tree.map(lambda a: jnp.stack([a, a]), carry)
     out = jax.jit(jax.vmap(lambda w, c: ridge.forecast(w, c, KEY, static, params)))(batch, carries)
-    assert out.prediction.shape == (2,) and bool(jnp.all(jnp.isfinite(out.metadata["holder_exponent"])))
+    assert out.prediction.shape == (2,) and bool(jnp.all(jnp.isfinite(out.prediction)))
 
 
 def test_constant_and_huge_windows_are_finite():
@@ -58,7 +56,6 @@ def test_constant_and_huge_windows_are_finite():
         result = run(*_start(series, static, params))
         assert float(result.prediction) == pytest.approx(level)
         assert 0.0 < float(result.sigma) < np.inf
-        assert np.isfinite(float(result.metadata["holder_exponent"]))
     spiky = jnp.asarray(ar_process(n + 20, [0.5], seed=2)).at[-3].set(1e12)
     result = run(*_start(spiky, static, params))
     assert np.isfinite(float(result.prediction)) and 0.0 < float(result.sigma) < np.inf
@@ -74,7 +71,6 @@ def test_scale_shift_equivariance():
         moved = run(*_start(jnp.asarray(a * series + b), static, params))
         assert float(moved.prediction) == pytest.approx(a * float(base.prediction) + b, rel=1e-6)
         assert float(moved.sigma) == pytest.approx(a * float(base.sigma), rel=1e-6)
-        assert float(moved.metadata["holder_exponent"]) == pytest.approx(float(base.metadata["holder_exponent"]), rel=1e-6)
 
 
 PERTURBATIONS = {
@@ -83,12 +79,6 @@ PERTURBATIONS = {
     "kernels.kernel_ridge_lambda": 1e-2,
     "kernels.kernel_a_noise_iterations": 3,
     "kernels.kernel_a_target": "level",
-    "kernels.wtmm_buffer_size": 192,
-    "kernels.wtmm_num_scales": 6,
-    "kernels.wtmm_q_min": -2.0,
-    "kernels.wtmm_q_max": 2.0,
-    "kernels.wtmm_num_q": 9,
-    "kernels.besov_cone_c": 0.5,
 }
 
 
@@ -100,7 +90,7 @@ def test_every_kernel_a_field_is_live(key):
     for c in (cfg, cfg.replace({key: PERTURBATIONS[key]})):
         static, params = c.static, c.dynamic_params()
         r = _forecast(static, params)(*_start(series, static, params))
-        outputs.append(np.array([float(r.prediction), float(r.sigma), float(r.metadata["holder_exponent"])]))
+        outputs.append(np.array([float(r.prediction), float(r.sigma)]))
     assert not np.allclose(outputs[0], outputs[1], rtol=1e-9, atol=0.0)
 
 
@@ -121,10 +111,10 @@ def _causal_run(series, static, params):
     def step(c, t):
         window = jax.lax.dynamic_slice(series, (t - n + 1,), (n,))
         r = ridge.forecast(window, c, KEY, static, params)
-        return r.carry, (r.prediction, r.sigma, r.metadata["holder_exponent"])
+        return r.carry, (r.prediction, r.sigma)
 
-    _, (pred, sigma, holder) = jax.lax.scan(step, carry, jnp.arange(n - 1, series.shape[0] - 1))
-    return pred, sigma, holder
+    _, (pred, sigma) = jax.lax.scan(step, carry, jnp.arange(n - 1, series.shape[0] - 1))
+    return pred, sigma
 
 
 @pytest.mark.slow
@@ -137,14 +127,13 @@ def test_beats_naive_with_calibrated_intervals(process):
         series = noisy_sine(length, period=20.0, noise=0.3, seed=7, batch=batch)
     else:
         series = ar_process(length, [0.5, -0.3], seed=8, batch=batch)
-    pred, sigma, holder = jax.jit(jax.vmap(lambda s: _causal_run(s, static, params)))(jnp.asarray(series))
+    pred, sigma = jax.jit(jax.vmap(lambda s: _causal_run(s, static, params)))(jnp.asarray(series))
     n = static.base_min_signal_length
     target, last = series[:, n:], series[:, n - 1 : -1]
     mse_ratio = np.mean((np.asarray(pred) - target) ** 2) / np.mean((last - target) ** 2)
     coverage = np.mean(np.abs(np.asarray(pred) - target) <= 1.959964 * np.asarray(sigma))
     assert mse_ratio < 0.9
     assert abs(coverage - 0.95) <= 0.03  # 1424 forecasts: binomial std 0.006
-    assert bool(jnp.all(jnp.isfinite(holder)))
 
 
 def test_noise_ratio_carried_across_steps_reaches_the_refit_fixed_point():

@@ -95,3 +95,38 @@ def test_partially_filled_buffer_ignores_unfilled_entries_and_is_invariant():
     # constant and almost empty buffers give the documented neutral value, finitely
     assert float(holder(jnp.full(length, 5.0), jnp.asarray(length))) == wtmm.UNDEFINED_HOLDER
     assert float(holder(jnp.asarray(zero), jnp.asarray(3))) == wtmm.UNDEFINED_HOLDER
+
+
+WTMM_PERTURBATIONS = {
+    "kernels.wtmm_buffer_size": 192,
+    "kernels.wtmm_num_scales": 6,
+    "kernels.wtmm_q_min": -2.0,
+    "kernels.wtmm_q_max": 2.0,
+    "kernels.wtmm_num_q": 9,
+    "kernels.besov_cone_c": 0.5,
+}
+
+
+@pytest.mark.parametrize("key", sorted(WTMM_PERTURBATIONS))
+def test_every_wtmm_field_is_live(key):
+    cfg = PredictorConfig.default()
+    history = jnp.asarray(fractional_brownian_motion(400, 0.3, seed=5))
+    estimates = []
+    for c in (cfg, cfg.replace({key: WTMM_PERTURBATIONS[key]})):
+        buffer, count = wtmm.initial_buffer(history, c.static)
+        estimates.append(float(wtmm.holder_exponent(buffer, count, c.static, c.dynamic_params())))
+    assert estimates[0] != pytest.approx(estimates[1], rel=1e-9, abs=0.0)
+
+
+def test_analysis_buffer_keeps_the_newest_values_right_aligned():
+    static = PredictorConfig.default().static
+    length = wtmm.analysis_length(static)
+    buffer, count = wtmm.initial_buffer(jnp.arange(10.0), static)
+    assert buffer.shape == (length,) and int(count) == 10
+    np.testing.assert_array_equal(buffer[-10:], np.arange(10.0))
+    buffer, count = wtmm.append(buffer, count, jnp.asarray(10.0))
+    assert int(count) == 11
+    np.testing.assert_array_equal(buffer[-11:], np.arange(11.0))
+    full, full_count = wtmm.initial_buffer(jnp.arange(length + 5.0), static)
+    full, full_count = wtmm.append(full, full_count, jnp.asarray(-1.0))
+    assert int(full_count) == length and float(full[-1]) == -1.0 and float(full[0]) == 6.0
