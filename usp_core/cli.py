@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", choices=("fast", "deep"), required=True)
     p.add_argument("--trials", type=int, default=None, help="total trial budget (default: meta_optimization.n_trials)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default $USP_OPTUNA_STORAGE or a journal file)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on the same study")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes on the same study, each on its own core (default 0: one per core)")
     p.add_argument("--campaign", default=None,
                    help="campaign name: study usp-<campaign>-<tier>, one MLflow parent run (default <tier>-tuning)")
 

@@ -325,3 +325,13 @@ def test_base_config_is_trial_zero_once_and_the_report_states_the_improvement(tm
     assert report.best_value <= baseline_value
     assert report.improvement == pytest.approx((baseline_value - report.best_value) / baseline_value)
     assert "base config value" in report.text
+
+
+def test_worker_cores_gives_each_process_one_core(monkeypatch):
+    from usp_core.tuning import campaign
+
+    monkeypatch.setattr(campaign.os, "sched_getaffinity", lambda pid: {3, 1, 7})
+    assert campaign.worker_cores(2) == [{1}, {3}]
+    assert campaign.worker_cores(3) == [{1}, {3}, {7}]
+    assert campaign.worker_cores(4) is None  # more workers than cores: left to the OS
+    assert campaign.worker_cores(1) is None

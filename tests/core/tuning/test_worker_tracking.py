@@ -28,7 +28,7 @@ class BarrierEvaluator:
 
     def __call__(self, configs):
         d = Path(self.directory)
-        (d / str(os.getpid())).touch()
+        (d / str(os.getpid())).write_text(" ".join(map(str, sorted(os.sched_getaffinity(0)))))
         deadline = time.monotonic() + self.timeout_s
         while len(list(d.iterdir())) < self.parties and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -48,9 +48,15 @@ def test_every_workers_trials_are_children_of_the_one_parent_run(tmp_path, monke
     cfg = small_config.replace({"meta_optimization.batch_size": 2, "meta_optimization.n_startup_trials": 2})
     storage = f"journal://{tmp_path / 'optuna' / 'journal.log'}"
 
+    own_cores = os.sched_getaffinity(0)
     result = run_campaign(cfg, np.zeros((1, 10)), tier="fast", n_trials=4, storage=storage, workers=2,
                           progress=False, campaign="workers-mlflow", evaluator=BarrierEvaluator(str(tmp_path / "barrier")),
                           report_dir=tmp_path / "report")
+    assert os.sched_getaffinity(0) == own_cores  # restored after the campaign
+    worker_cores = [set(map(int, f.read_text().split())) for f in (tmp_path / "barrier").iterdir()]
+    if len(own_cores) >= 2:  # each process on a core of its own
+        assert len(worker_cores) == 2 and all(len(c) == 1 for c in worker_cores)
+        assert worker_cores[0] != worker_cores[1]
 
     study = optuna.load_study(study_name=result.study_name, storage=make_storage(storage))
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
