@@ -196,8 +196,10 @@ def tuning_panel():
 
     walk = synthetic.brownian_motion(240, seed=1) + 50
     ou = synthetic.ornstein_uhlenbeck(240, theta=0.5, sigma=1.0, seed=2)
+    # a break in level and volatility: CUSUM fires on it however fast the experts follow the new level (a pure
+    # level step is absorbed within a step or two by experts that track the last value, and may not fire)
     shift = synthetic.ar_process(240, [0.3], seed=3)
-    shift[150:] += 8.0
+    shift[150:] = 6.0 * shift[150:] + 8.0
     rough = synthetic.fractional_brownian_motion(240, 0.15, seed=4) * 3
     # strongly mean-reverting series make Kernel C stiff, so the stiffness thresholds matter
     stiff = [synthetic.ar_process(240, [phi], seed=5 + i) for i, phi in enumerate((0.05, -0.3, 0.3, -0.6))]
