@@ -245,17 +245,18 @@ def _cadence(k: KernelState, timestamp_ns) -> Float[Array, ""]:
     return jnp.where(k.cadence_ns > 0, (1 - CADENCE_RATE) * k.cadence_ns + CADENCE_RATE * interval, interval)
 
 
-def _refreshed_holder(k: KernelState, buffer, count, clock, static, params) -> Float[Array, ""]:
+def _refreshed_holder(previous, buffer, count, clock, static, params) -> Float[Array, ""]:
     """The Hoelder exponent of the analysis buffer, recomputed every ``wtmm_stride`` steps (the WTMM is the costliest
     part of a step, and a 256-point roughness estimate barely moves in a few steps). ``clock`` starts at a constant
     and counts every step, so inside ``run_panel`` (vmap of a scan) it is the same for all series and the
-    ``lax.cond`` really skips the WTMM; where states arrive batched (``step_batch``) it becomes a select."""
+    ``lax.cond`` really skips the WTMM; where states arrive batched (``step_batch``) it becomes a select. A refresh
+    that falls on a rejected step is dropped with the rest of that step (the next one is a stride later)."""
     def fresh():
         return wtmm.holder_exponent(buffer, count, static, params)
 
     if static.wtmm_stride == 1:
         return fresh()
-    return jax.lax.cond(clock % static.wtmm_stride == 0, fresh, lambda: k.holder_exponent)
+    return jax.lax.cond(clock % static.wtmm_stride == 0, fresh, lambda: previous)
 
 
 def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
@@ -295,7 +296,7 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     accepted = KernelState(
         window=window, kernel_carries=k.kernel_carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
         analysis_buffer=buffer, analysis_count=count,
-        holder_exponent=_refreshed_holder(k, buffer, count, clock, static, params), dgm_entropy=entropy,
+        holder_exponent=_refreshed_holder(k.holder_exponent, buffer, count, clock, static, params), dgm_entropy=entropy,
         mode_collapse=collapsed,
         degraded=degraded, clean_streak=clean_streak, frozen=frozen,
         reference_variance=jnp.where(frozen, k.reference_variance, jnp.var(window)),

@@ -122,8 +122,8 @@ def run_campaign(
 ) -> CampaignResult:
     """Run (or resume) a tuning campaign until the study holds ``n_trials`` finished trials in total.
 
-    ``workers = 0`` means one per core (one where the storage is in memory). ``workers > 1`` spawns extra processes on the same storage (needs a Journal/SQLite/PostgreSQL URL); they
-    score trials with the same ``evaluator`` (which must then be picklable) and log their trials as child runs
+    ``workers = 0`` means one per core (one where the storage is in memory). ``workers > 1`` spawns extra
+    processes on the same storage (needs a Journal/SQLite/PostgreSQL URL); they score trials with the same ``evaluator`` (which must then be picklable) and log their trials as child runs
     of this campaign's one MLflow parent run. Where there are enough cores each process runs on its own core
     (:func:`worker_cores`; this process's affinity is restored afterwards).
     ``tracking`` True logs to the default MLflow store; a CampaignTracker logs there; False disables it.
@@ -174,10 +174,10 @@ def run_campaign(
         finally:
             for p in extra:
                 p.join()
-            if own_cores:
-                os.sched_setaffinity(0, own_cores)
                 if p.exitcode != 0:
                     warnings.warn(f"tuning worker process {p.pid} exited with code {p.exitcode}", stacklevel=2)
+            if own_cores:
+                os.sched_setaffinity(0, own_cores)
             if bar is not None:
                 bar.update(opt.n_finished() - bar.n)
                 bar.close()

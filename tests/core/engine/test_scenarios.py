@@ -120,6 +120,24 @@ def test_emergency_forces_kernel_d_on_a_rough_segment_and_exits(small_config):
         assert out.holder_exponent[t - 1] > 0.3 + cfg["orchestration.holder_hysteresis"]
 
 
+def test_holder_exponent_is_refreshed_every_stride_steps(predictor, small_config):
+    """The strided estimate holds between refreshes and, at a refresh, equals the every-step estimate of the same
+    analysis buffer (the buffer holds accepted observations only, which the Hoelder exponent cannot change)."""
+    stride = small_config["kernels.wtmm_stride"]
+    assert stride > 1
+    x = np.stack([_series(s, n=200) for s in range(2)])
+    strided = predictor.run(x).holder_exponent
+    every = Predictor(small_config.replace({"kernels.wtmm_stride": 1})).run(x).holder_exponent
+    m = predictor.min_history
+    clock = np.arange(x.shape[1] - m + 1)  # output m - 1 + c is the state after c steps
+    h, h1 = strided[:, m - 1:], every[:, m - 1:]
+    refresh = clock % stride == 0
+    np.testing.assert_allclose(h[:, refresh], h1[:, refresh], rtol=1e-9, atol=1e-12)
+    held = np.flatnonzero(~refresh)
+    np.testing.assert_array_equal(h[:, held], h[:, held - 1])
+    assert np.mean(np.diff(h1, axis=1) != 0) > 0.5  # the every-step estimate does move between refreshes
+
+
 def test_intervals_are_calibrated_on_a_stationary_process(predictor):
     x = np.stack([_series(s, n=400) for s in range(4)])
     out = predictor.run(x)
