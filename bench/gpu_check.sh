@@ -3,7 +3,10 @@
 # equinox, optax, pandas, scipy, statsmodels, pytest and hypothesis, but nothing can be fetched there):
 #
 #   bash bench/gpu_check.sh --prepare     # here: downloads the missing wheels into bench/.gpu_wheels (ignored)
-#   device run: command="bash bench/gpu_check.sh", carry=["bench/.gpu_wheels"], timeout_s=540
+#   device run: command="bash bench/gpu_check.sh", carry=["bench/.gpu_wheels"], timeout_s=560
+#
+# USP_GPU_CHECK_SECONDS (default 520) bounds the whole check: the tests get at most a third of it and the bench
+# the rest, writing its tables after every measurement, so a run cut short still brings back what it measured.
 #
 # On the device it installs the carried wheels, runs the correctness subset on the GPU (vmap parity, step ==
 # run, AOT == run, the float32 DGM against float64), then `usp bench` there, which writes latest_gpu.md and
@@ -44,7 +47,13 @@ if [[ "$backend" != "gpu" ]]; then
   quick=(--quick)
 fi
 
+total=${USP_GPU_CHECK_SECONDS:-520}
 set -o pipefail
-$PY -m pytest -q -p no:cacheprovider tests/core/engine/test_predictor.py tests/core/kernels/test_dgm.py \
-  -k "vmap_parity or step_loop or compile_run or float32" 2>&1 | tee "$OUT/gpu_check_tests.log"
-$PY -m usp_core.bench --out "$OUT" "${quick[@]}" 2>&1 | tee "$OUT/gpu_check_bench.log"
+tests_rc=0
+timeout $((total / 3)) $PY -m pytest -q -p no:cacheprovider -n 6 tests/core/engine/test_predictor.py \
+  tests/core/kernels/test_dgm.py -k "vmap_parity or step_loop or compile_run or float32" 2>&1 \
+  | tee "$OUT/gpu_check_tests.log" || tests_rc=$?
+budget=$((total - SECONDS - 30))
+echo "gpu_check: tests rc $tests_rc after ${SECONDS} s; bench budget ${budget} s"
+$PY -m usp_core.bench --out "$OUT" --budget "$budget" "${quick[@]}" 2>&1 | tee "$OUT/gpu_check_bench.log"
+exit "$tests_rc"

@@ -24,7 +24,8 @@ from usp_core.data import synthetic
 
 FULL_GRID = {"batch": (1, 16, 64, 256), "length": (500, 2000)}
 QUICK_GRID = {"batch": (1, 16, 64), "length": (500,)}
-GPU_GRID = {"batch": (1, 64, 256, 1024, 4096), "length": (500, 2000)}  # issue 13: B up to 4096 on a GPU
+# On a GPU the rate grows with B up to the device's width: B rises first, and the budget cuts the longer series.
+GPU_SHAPES = ((256, 1000), (1024, 1000), (4096, 1000), (4096, 2000), (1024, 2000), (256, 2000), (1, 1000))
 RATIO_POINT = (64, 1000)
 RECOMPILE_POINT = (4, 300)  # compile counts do not depend on the shape: keep this check cheap
 TRIALS_K = 8
@@ -199,20 +200,38 @@ def _measure(name: str, cfg_values: dict[str, Any], kwargs: dict[str, Any]) -> d
     return {**result, "task_s": elapsed}
 
 
-def _tasks(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, measure, kwargs): the SPEC §9 ratios first, then the throughput grid from the cheapest shape up,
-    so that a time budget cuts the largest shapes."""
-    grid = QUICK_GRID if quick else GPU_GRID if jax.default_backend() == "gpu" else FULL_GRID
-    shapes = sorted(((b, t) for b in grid["batch"] for t in grid["length"]), key=lambda bt: bt[0] * bt[1])
+def _tasks(quick: bool, backend: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, measure, kwargs): on a CPU the SPEC §9 ratios first, then the throughput grid from the cheapest
+    shape up, so that a time budget cuts the largest shapes; on a GPU the throughput shapes come right after the
+    ratio point (they are what a GPU run is for) and the dev-set table, which does not depend on the device, last."""
+    if quick:
+        shapes = [(b, t) for t in QUICK_GRID["length"] for b in QUICK_GRID["batch"]]
+    elif backend == "gpu":
+        shapes = list(GPU_SHAPES)
+    else:
+        shapes = sorted(((b, t) for b in FULL_GRID["batch"] for t in FULL_GRID["length"]), key=lambda bt: bt[0] * bt[1])
     ratio_b, ratio_t = RATIO_POINT
-    return [
+    ratio = [("ratio point", "throughput", {"batch": ratio_b, "length": ratio_t})]
+    grid = [(f"throughput B={b} T={t}", "throughput", {"batch": b, "length": t}) for b, t in shapes if (b, t) != RATIO_POINT]
+    ratios = [
         ("loops", "loops", {"batch": ratio_b, "single_steps": 100 if quick else 300, "seed_steps": 2 if quick else 10}),
-        ("ratio point", "throughput", {"batch": ratio_b, "length": ratio_t}),
         ("recompilation", "recompilation", {"batch": RECOMPILE_POINT[0], "length": RECOMPILE_POINT[1]}),
         ("batched trials", "trials", {"batch": 8, "length": 400}),
-        ("dev-set accuracy", "dev", {"max_length": 500 if quick else 1000}),
-        *((f"throughput B={b} T={t}", "throughput", {"batch": b, "length": t}) for b, t in shapes),
     ]
+    dev = [("dev-set accuracy", "dev", {"max_length": 500 if quick else 1000})]
+    if backend == "gpu":
+        return ratio + grid + ratios + dev
+    return ratios[:1] + ratio + ratios[1:] + dev + grid
+
+
+def _estimate_s(report: dict[str, Any], batch: int, length: int) -> float:
+    """Seconds a throughput shape should take: a compile like the last one, and the rate of the widest batch
+    measured so far (rates do not fall with B on either backend)."""
+    grid = report["grid"]
+    if not grid:
+        return 0.0
+    widest = max(grid, key=lambda g: (g["batch"], g["length"]))
+    return grid[-1]["compile_s"] + batch * length / widest["series_steps_per_s"]
 
 
 def run_bench(out_dir: str | os.PathLike[str] = "bench/results", quick: bool = False, *, budget_s: float | None = None,
@@ -235,11 +254,9 @@ def run_bench(out_dir: str | os.PathLike[str] = "bench/results", quick: bool = F
         "config_version": cfg.version, "quick": quick, "skipped": [], "grid": [],
     }
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
-        for label, name, kwargs in _tasks(quick):
+        for label, name, kwargs in _tasks(quick, report["machine"]["backend"]):
             elapsed = time.perf_counter() - started
-            rp = report.get("ratio_point")
-            estimate = rp["compile_s"] + kwargs["batch"] * kwargs["length"] / rp["series_steps_per_s"] \
-                if name == "throughput" and rp else 0.0
+            estimate = _estimate_s(report, kwargs["batch"], kwargs["length"]) if name == "throughput" else 0.0
             if elapsed + estimate > budget_s:
                 report["skipped"].append(f"{label} (time budget: ~{estimate:.0f} s more)" if estimate
                                          else f"{label} (time budget)")
@@ -247,14 +264,20 @@ def run_bench(out_dir: str | os.PathLike[str] = "bench/results", quick: bool = F
             result = pool.submit(_measure, name, dict(cfg), kwargs).result()
             if label == "loops":
                 report.update(step_loop=result["step_loop"], seed_loop=result["seed_loop"])
-            elif label == "ratio point":
-                report["ratio_point"] = result
-                report["grid"].append(result)
             elif name == "throughput":
+                if label == "ratio point":
+                    report["ratio_point"] = result
                 report["grid"].append(result)
             else:
                 report[name] = result
-    report["grid"].sort(key=lambda g: (g["length"], g["batch"]))
+            _finish(report, started)
+            _write(Path(out_dir), report, final=False)  # a run cut short (a lent GPU's time limit) keeps what it measured
+    _finish(report, started)
+    _write(Path(out_dir), report)
+    return report
+
+
+def _finish(report: dict[str, Any], started: float) -> None:
     if "ratio_point" in report:
         report["compile_s"] = report["ratio_point"]["compile_s"]
         rate = report["ratio_point"]["series_steps_per_s"]
@@ -262,8 +285,6 @@ def run_bench(out_dir: str | os.PathLike[str] = "bench/results", quick: bool = F
             if loop in report:
                 report[f"speedup_vs_{loop}"] = rate / report[loop]["series_steps_per_s"]
     report["total_s"] = time.perf_counter() - started
-    _write(Path(out_dir), report)
-    return report
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -306,7 +327,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{tr['batched_trials_per_s']:.2f} vs {tr['sequential_trials_per_s']:.2f} ({tr['speedup']:.1f}x) | >= 4x |")
     lines += ["", "Throughput of `p.run` (series-steps/s of the compiled program; compile time apart):", "",
               "| B | T | series-steps/s | compile (s) |", "|---|---|---|---|"]
-    for g in report["grid"]:
+    for g in sorted(report["grid"], key=lambda g: (g["length"], g["batch"])):
         lines.append(f"| {g['batch']} | {g['length']} | {g['series_steps_per_s']:.0f} | {g['compile_s']:.1f} |")
     if "dev" in report:
         dev = report["dev"]
@@ -344,13 +365,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out_dir: Path, report: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, default=float)
-    (out_dir / "bench.json").write_text(text)
+def _write(out_dir: Path, report: dict[str, Any], final: bool = True) -> None:
+    """bench.json and latest*.md after every measurement; the timestamped copy once the run is complete."""
+    from usp_core.durable import atomic_write_bytes
+
+    text = json.dumps(report, indent=2, default=float).encode()
+    atomic_write_bytes(out_dir / "bench.json", text, mode=0o644)
     suffix = "gpu" if report["machine"]["backend"] == "gpu" else "cpu"
-    (out_dir / f"bench_{suffix}_{report['when'].replace(':', '')}.json").write_text(text)
-    (out_dir / ("latest_gpu.md" if suffix == "gpu" else "latest.md")).write_text(render_markdown(report))
+    if final:
+        atomic_write_bytes(out_dir / f"bench_{suffix}_{report['when'].replace(':', '')}.json", text, mode=0o644)
+    atomic_write_bytes(out_dir / ("latest_gpu.md" if suffix == "gpu" else "latest.md"), render_markdown(report).encode(),
+                       mode=0o644)
 
 
 def main() -> None:
@@ -359,11 +384,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="USP benchmark (SPEC §9)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--budget", type=float, default=None, help="seconds (default 570, 240 with --quick)")
     args = parser.parse_args()
     from usp_core.engine.devices import configure_cpu_devices
 
     configure_cpu_devices()  # before JAX starts; the measuring worker inherits it through the environment
-    report = run_bench(args.out, quick=args.quick)
+    report = run_bench(args.out, quick=args.quick, budget_s=args.budget)
     print(render_markdown(report))
 
 

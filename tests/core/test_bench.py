@@ -146,3 +146,20 @@ def test_run_stays_on_one_device_when_the_cpu_pool_could_deadlock():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["2", "1"], proc.stdout
     assert "stays on one device" in proc.stderr
+
+
+def test_gpu_measures_its_grid_first_and_cpu_keeps_the_ratios_first():
+    gpu = [label for label, _, _ in bench._tasks(quick=False, backend="gpu")]
+    assert gpu[0] == "ratio point" and gpu[-1] == "dev-set accuracy"
+    assert gpu.index("throughput B=4096 T=1000") < gpu.index("loops")
+    cpu = [label for label, _, _ in bench._tasks(quick=False, backend="cpu")]
+    assert cpu[:2] == ["loops", "ratio point"] and cpu[-1] == "throughput B=256 T=2000"
+    for tasks in (gpu, cpu):
+        assert "throughput B=64 T=1000" not in tasks  # the ratio point is that shape, measured once
+
+
+def test_time_estimate_uses_the_widest_batch_measured():
+    report = {"grid": [{"batch": 64, "length": 1000, "compile_s": 5.0, "series_steps_per_s": 1000.0},
+                       {"batch": 256, "length": 1000, "compile_s": 7.0, "series_steps_per_s": 4000.0}]}
+    assert bench._estimate_s(report, 1024, 1000) == pytest.approx(7.0 + 256.0)
+    assert bench._estimate_s({"grid": []}, 1024, 1000) == 0.0
