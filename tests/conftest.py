@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # that the other worker shared, and a crashed worker loses its tests. Compilations stay cached in memory.
 jax.config.update("jax_enable_compilation_cache", False)
 os.environ.setdefault("USP_ROOT", str(ROOT))
+# p.run stays in the test's process (xdist already runs a test per core); tests/core/engine/test_workers.py
+# splits on purpose
+os.environ.setdefault("USP_RUN_PROCESSES", "1")
 
 # A cheaper predictor than the defaults (smaller networks, fewer paths and iterations) with the same code
 # paths; tests that need the defaults use PredictorConfig.default() explicitly.

@@ -386,9 +386,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--budget", type=float, default=None, help="seconds (default 570, 240 with --quick)")
     args = parser.parse_args()
-    from usp_core.engine.devices import configure_cpu_devices
-
-    configure_cpu_devices()  # before JAX starts; the measuring worker inherits it through the environment
     report = run_bench(args.out, quick=args.quick, budget_s=args.budget)
     print(render_markdown(report))
 

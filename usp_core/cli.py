@@ -318,19 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands whose work is `Predictor.run` (backtests, the bench): as the console script, they split the CPU into
-# one XLA device per core first (usp_core.engine.devices; $USP_CPU_DEVICES=1 turns it off).
-SPLIT_CPU_COMMANDS = frozenset({"backtest", "promote", "bench"})
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``usp`` command. Called without ``argv`` (the console script) it owns the process, and configures
-    JAX's CPU devices before JAX starts; with ``argv`` (embedded, tests) it leaves the process's JAX alone."""
+    """The ``usp`` command."""
     args = build_parser().parse_args(argv)
-    if argv is None and args.command in SPLIT_CPU_COMMANDS:
-        from usp_core.engine.devices import configure_cpu_devices
-
-        configure_cpu_devices()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

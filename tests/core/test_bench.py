@@ -1,17 +1,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
-import jax
-import numpy as np
 import pytest
 
-from usp_core import Predictor, bench
-from usp_core.engine.devices import configure_cpu_devices, intra_op_pool_size
+from usp_core import bench
 
 
 def _fake_report(backend: str = "cpu") -> dict:
@@ -64,88 +57,6 @@ def test_measurements_run_on_a_small_config(small_config):
     seed = bench.seed_loop(small_config, 3, n_steps=2)
     assert seed["time_steps"] == 2 and seed["series_steps_per_s"] > 0
     assert bench.recompilations(small_config, 2, 120)["recompilations"] == 0
-
-
-_SPLIT_RUN = textwrap.dedent(
-    """
-    import json, sys, warnings
-    import numpy as np
-    from usp_core import PredictorConfig, Predictor
-    from usp_core.engine import predictor as predictor_mod
-
-    config, values, out_path = json.loads(sys.argv[1]), np.load(sys.argv[2]), sys.argv[3]
-    split = []  # (device, block shape) of each shard of every split run
-    real = predictor_mod._run_split_jit
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        split.extend((str(s.device), s.data.shape) for s in out.prediction.addressable_shards)
-        return out
-
-    predictor_mod._run_split_jit = spy
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = Predictor(PredictorConfig(config), compile_cache=False).run(values)
-    np.savez(out_path, **out._asdict())
-    print(json.dumps({"split": split, "warnings": [str(w.message) for w in caught]}))
-    """
-)
-
-
-def _run_in_child(small_config, tmp_path, env, b=3, t=120) -> tuple[dict, object, np.ndarray]:
-    """``p.run`` of a small panel in a fresh process with ``env``; a deadlock fails at the timeout."""
-    values = np.cumsum(np.random.default_rng(3).normal(size=(b, t)), axis=1) + 10.0
-    np.save(tmp_path / "values.npy", values)
-    try:
-        proc = subprocess.run([sys.executable, "-c", _SPLIT_RUN, json.dumps(dict(small_config)),
-                               str(tmp_path / "values.npy"), str(tmp_path / "out.npz")],
-                              env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.fail("p.run on two CPU devices did not finish in 300 s (deadlock?)")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(tmp_path / "out.npz"), values
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "PJRT_NPROC", "NPROC", "USP_CPU_DEVICES")}
-    return {**env, "JAX_PLATFORMS": "cpu", **extra}
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="compares with this process's one CPU device")
-def test_run_split_over_two_cpu_devices_matches_one_device(small_config, tmp_path):
-    """configure_cpu_devices(2) in the child's environment: ``p.run`` gives each device a block of series, both
-    devices run (no deadlock of jaxlib's LAPACK kernels on XLA:CPU's pool), and the outputs are the one-device
-    run's (rtol 1e-9; the blocks are compiled for half the batch)."""
-    env = _child_env()
-    assert configure_cpu_devices(2, environ=env) == 2
-    assert env["JAX_NUM_CPU_DEVICES"] == "2" and intra_op_pool_size(2, env) > 2
-    report, split, values = _run_in_child(small_config, tmp_path, env)
-    assert sorted(report["split"]) == [["cpu:0", [2, 120]], ["cpu:1", [2, 120]]], report
-    assert not report["warnings"], report
-    single = Predictor(small_config).run(values)  # this process: one CPU device
-    for name in single._fields:
-        x, y = split[name], np.asarray(getattr(single, name))
-        assert x.shape == y.shape, name
-        if np.issubdtype(y.dtype, np.floating):
-            np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=name)
-        else:
-            np.testing.assert_array_equal(x, y, err_msg=name)
-    assert np.isfinite(split["prediction"][:, small_config["core.base_min_signal_length"]:]).all()
-
-
-def test_run_stays_on_one_device_when_the_cpu_pool_could_deadlock():
-    """Two forced host devices but an intra-op pool of two threads (the default on 2 cores): the devices p.run
-    splits over are one, with a warning, instead of a deadlock."""
-    code = ("import warnings; warnings.simplefilter('always'); import jax;"
-            "from usp_core.engine.devices import series_devices;"
-            "print(jax.local_device_count(), len(series_devices(4)))")
-    env = _child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", PJRT_NPROC="2")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["2", "1"], proc.stdout
-    assert "stays on one device" in proc.stderr
 
 
 def test_gpu_measures_its_grid_first_and_cpu_keeps_the_ratios_first():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Iterator
@@ -23,8 +22,8 @@ from jaxtyping import Array
 
 from usp_core.config import PredictorConfig
 from usp_core.engine import step as step_mod
-from usp_core.engine.devices import series_devices
 from usp_core.engine.state import PredictorOutput, PredictorState, StepOutput
+from usp_core.engine.workers import compile_split, run_processes, run_split, single_thread_blas
 from usp_core.paths import project_root
 
 _init_jit = jax.jit(step_mod.init_state, static_argnames=("static",))
@@ -37,25 +36,12 @@ _run_trials_jit = jax.jit(step_mod.run_trials, static_argnames=("static",))
 _run_trials_shared_jit = jax.jit(step_mod.run_trials_shared, static_argnames=("static",))
 
 
-def _run_split(values, timestamps_ns, now_ns, key, static, params, *, mesh):
-    """``run_panel`` on each device of ``mesh`` for its own block of series (``shard_map``: one program, the
-    body sees only the local block; no collective, nothing crosses devices)."""
-    series, rest = jax.sharding.PartitionSpec("series"), jax.sharding.PartitionSpec()
-    # check_vma off: the scan carries start replicated (initial states) and become per-device; nothing in the
-    # body communicates, so there is no varying-ness to check
-    body = jax.shard_map(lambda v, ts, now, k, prm: step_mod.run_panel(v, ts, now, k, static, prm), mesh=mesh,
-                         in_specs=(series, series, series, rest, rest), out_specs=series, check_vma=False)
-    return body(values, timestamps_ns, now_ns, key, params)
-
-
-_run_split_jit = jax.jit(_run_split, static_argnames=("static", "mesh"))
-
 _T_BUCKET = 256
 
 
 _ENTRY_POINTS = {"init": _init_jit, "step": _step_jit, "step_batch": _step_batch_jit, "init_batch": _init_batch_jit,
                  "advance_batch": _advance_batch_jit, "run": _run_jit, "run_trials": _run_trials_jit,
-                 "run_trials_shared": _run_trials_shared_jit, "run_split": _run_split_jit}
+                 "run_trials_shared": _run_trials_shared_jit}
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's monitoring event of an XLA compile
 
 
@@ -109,11 +95,6 @@ def _batch_bucket(b: int) -> int:
     return _next_pow2(b) if b <= _B_QUANTUM else _bucket(b, _B_QUANTUM)
 
 
-@functools.cache
-def _series_mesh(devices: tuple) -> jax.sharding.Mesh:
-    return jax.make_mesh((len(devices),), ("series",), devices=devices, axis_types=(jax.sharding.AxisType.Explicit,))
-
-
 class Predictor:
     """Causal, regime-aware probabilistic one-step-ahead predictor for one or many series."""
 
@@ -123,6 +104,7 @@ class Predictor:
         self.dtype = jnp.dtype(cfg["core.dtype"])
         self.params = cfg.dynamic_params(self.dtype)
         self.key = jax.random.PRNGKey(cfg["core.seed"])
+        self.compile_cache = compile_cache and bool(jax.config.jax_enable_compilation_cache)
         if compile_cache:
             enable_compile_cache(cfg)
 
@@ -176,11 +158,8 @@ class Predictor:
         return out, new_states
 
     # -- whole series, compiled once (scan over time, vmap over series) -----------------------------------
-    def _prepare(self, values, timestamps_ns, now_ns, bucket: bool, split: bool = False):
-        """Pad to the bucket and place on devices: ``(arrays, mesh, single, b, t)``. Accelerators: the series
-        axis sharded over every local device (``mesh`` None: XLA propagates the sharding). CPU: the default
-        device, or with ``split`` (``run``) and several CPU devices (:mod:`usp_core.engine.devices`) a block
-        of series per device for :func:`_run_split` over ``mesh``."""
+    def _host_arrays(self, values, timestamps_ns, now_ns) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """(values, timestamps, observation times) as (B, T) host arrays, and whether ``values`` was one series."""
         arr = np.asarray(values, dtype=self.dtype)
         single = arr.ndim == 1
         if single:
@@ -195,9 +174,20 @@ class Predictor:
         else:
             ts = np.broadcast_to(np.asarray(timestamps_ns, dtype=np.int64), (b, t))
         now = ts if now_ns is None else np.broadcast_to(np.asarray(now_ns, dtype=np.int64), (b, t))
+        return arr, ts, now, single
+
+    def _split_processes(self, arr: np.ndarray, single: bool) -> int:
+        """Worker processes ``run`` splits these series over (:mod:`usp_core.engine.workers`; CPU only)."""
+        if single or jax.default_backend() != "cpu":
+            return 1
+        return run_processes(*arr.shape)
+
+    def _prepare(self, values, timestamps_ns, now_ns, bucket: bool):
+        """Pad to the bucket and place on devices: ``(arrays, single, b, t)``. Accelerators: the series axis
+        sharded over every local device (XLA propagates the sharding); CPU: the default device."""
+        arr, ts, now, single = self._host_arrays(values, timestamps_ns, now_ns)
+        b, t = arr.shape
         tb, bb = (_bucket(t, _T_BUCKET), _batch_bucket(b)) if bucket else (t, b)
-        # GSPMD-sharded series on accelerators. On CPU, ``run`` splits the series over CPU devices with an
-        # explicit shard_map (see usp_core.engine.devices for the deadlock that kept it off before).
         devices = jax.local_device_count() if jax.default_backend() != "cpu" else 1
         if bucket and devices > 1:
             bb = -(-bb // devices) * devices
@@ -214,13 +204,8 @@ class Predictor:
             # Auto axes: XLA propagates the series sharding through the step; nothing inside it is sharding-aware.
             mesh = jax.make_mesh((devices,), ("series",), axis_types=(jax.sharding.AxisType.Auto,))
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("series"))
-            return [jax.device_put(x, sharding) for x in arrays], None, single, b, t
-        cpu_devices = series_devices(bb) if split and devices == 1 else []
-        if len(cpu_devices) > 1:
-            mesh = _series_mesh(tuple(cpu_devices))
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("series"))
-            return [jax.device_put(x, sharding) for x in arrays], mesh, single, b, t
-        return arrays, None, single, b, t
+            return [jax.device_put(x, sharding) for x in arrays], single, b, t
+        return arrays, single, b, t
 
     @staticmethod
     def _finish(out: StepOutput, single: bool, b: int, t: int, lead: tuple = ()) -> PredictorOutput:
@@ -236,24 +221,32 @@ class Predictor:
         """Run whole series causally: ``values`` (T,) or (B, T) -> outputs with the same leading axes, where
         ``out.prediction[..., t]`` forecasts ``values[..., t + 1]`` (NaN before ``min_history - 1``).
 
-        With several CPU devices (:func:`usp_core.engine.devices.configure_cpu_devices`) each runs a block of
-        the series, all at once."""
-        (arr, ts, now), mesh, single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket, split=True)
-        if mesh is None:
-            out = _run_jit(arr, ts, now, self.key, self.static, self.params)
-        else:
-            out = _run_split_jit(arr, ts, now, self.key, self.static, self.params, mesh=mesh)
-        return self._finish(out, single, b, t)
+        On a CPU host with several cores a large panel is split over a worker process per core
+        (:mod:`usp_core.engine.workers`)."""
+        host, ts, now, single = self._host_arrays(values, timestamps_ns, now_ns)
+        processes = self._split_processes(host, single)
+        if processes > 1:
+            out = run_split(dict(self.cfg), host, ts, now, processes, bucket, self.compile_cache)
+            if out is not None:
+                return out
+        (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
+        with single_thread_blas():
+            return self._finish(_run_jit(arr, ts, now, self.key, self.static, self.params), single, b, t)
 
     def compile_run(self, values, timestamps_ns=None, *, now_ns=None, bucket: bool = True) -> CompiledRun:
         """``run``'s program compiled ahead of time for the shape of ``values`` (JAX's AOT lower/compile): the
         returned callable runs any input of that (bucketed) shape without tracing, and says how long the
-        compilation took."""
-        (arr, ts, now), mesh, *_ = self._prepare(values, timestamps_ns, now_ns, bucket, split=True)
+        compilation took. A panel that ``run`` splits over worker processes is compiled in each worker for
+        its block (all at once; the seconds are the wall time, worker start included)."""
+        host, ts, now, single = self._host_arrays(values, timestamps_ns, now_ns)
+        processes = self._split_processes(host, single)
+        if processes > 1:
+            seconds = compile_split(dict(self.cfg), host, ts, now, processes, bucket, self.compile_cache)
+            if seconds is not None:
+                return CompiledRun(self, None, seconds, bucket, processes)
+        (arr, ts, now), *_ = self._prepare(values, timestamps_ns, now_ns, bucket)
         start = time.perf_counter()
-        lowered = (_run_jit.lower(arr, ts, now, self.key, self.static, self.params) if mesh is None else
-                   _run_split_jit.lower(arr, ts, now, self.key, self.static, self.params, mesh=mesh))
-        executable = lowered.compile()
+        executable = _run_jit.lower(arr, ts, now, self.key, self.static, self.params).compile()
         return CompiledRun(self, executable, time.perf_counter() - start, bucket)
 
     def run_trials(self, values, params_batch: dict[str, Any], timestamps_ns=None, *, now_ns=None,
@@ -265,18 +258,19 @@ class Predictor:
         trials agree on every kernel-side parameter the kernels run once and only the fusion is vmapped over
         trials (``run_trials_shared``), which is what makes a batch of fusion trials cheap.
         """
-        (arr, ts, now), _, single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
+        (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
         missing = set(self.params) - set(params_batch)
         if missing:
             raise ValueError(f"params_batch lacks dynamic parameters: {sorted(missing)}")
         batch = {k: jnp.asarray(params_batch[k], self.params[k].dtype) for k in self.params}
         host = {k: np.asarray(v) for k, v in batch.items()}
-        if all((host[k] == host[k][0]).all() for k in step_mod.KERNEL_SIDE_PARAMS):
-            shared = {k: batch[k][0] for k in step_mod.KERNEL_SIDE_PARAMS}
-            out = _run_trials_shared_jit(arr, ts, now, self.key, self.static, shared, batch)
-        else:
-            out = _run_trials_jit(arr, ts, now, self.key, self.static, batch)
-        return self._finish(out, single, b, t, lead=(0,))
+        with single_thread_blas():
+            if all((host[k] == host[k][0]).all() for k in step_mod.KERNEL_SIDE_PARAMS):
+                shared = {k: batch[k][0] for k in step_mod.KERNEL_SIDE_PARAMS}
+                out = _run_trials_shared_jit(arr, ts, now, self.key, self.static, shared, batch)
+            else:
+                out = _run_trials_jit(arr, ts, now, self.key, self.static, batch)
+            return self._finish(out, single, b, t, lead=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,14 +278,22 @@ class CompiledRun:
     """``Predictor.run`` compiled for one input shape (see :meth:`Predictor.compile_run`)."""
 
     predictor: Predictor
-    executable: Any  # jax.stages.Compiled
+    executable: Any  # jax.stages.Compiled; None where the workers hold the programs
     compile_seconds: float
     bucket: bool
+    processes: int = 1
 
     def __call__(self, values, timestamps_ns=None, *, now_ns=None) -> PredictorOutput:
         p = self.predictor
-        (arr, ts, now), _, single, b, t = p._prepare(values, timestamps_ns, now_ns, self.bucket, split=True)
-        return p._finish(self.executable(arr, ts, now, p.key, p.params), single, b, t)
+        if self.processes > 1:
+            host, ts, now, _ = p._host_arrays(values, timestamps_ns, now_ns)
+            out = run_split(dict(p.cfg), host, ts, now, self.processes, self.bucket, p.compile_cache)
+            if out is None:
+                raise RuntimeError("p.run's worker processes died; compile this run again (it then runs in-process)")
+            return out
+        (arr, ts, now), single, b, t = p._prepare(values, timestamps_ns, now_ns, self.bucket)
+        with single_thread_blas():
+            return p._finish(self.executable(arr, ts, now, p.key, p.params), single, b, t)
 
 
 def stack_params(configs: list[PredictorConfig]) -> dict[str, Array]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from usp_core.config.loader import PredictorConfig
-from usp_core.engine.devices import host_cores
+from usp_core.engine.workers import host_cores
 from usp_core.tuning.optimizer import (
     AsyncMetaOptimizer,
     BayesianMetaOptimizer,
