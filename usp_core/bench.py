@@ -21,6 +21,7 @@ import numpy as np
 
 from usp_core.config import PredictorConfig
 from usp_core.data import synthetic
+from usp_core.engine.workers import single_thread_blas
 
 FULL_GRID = {"batch": (1, 16, 64, 256), "length": (500, 2000)}
 QUICK_GRID = {"batch": (1, 16, 64), "length": (500,)}
@@ -75,11 +76,12 @@ def step_loop(cfg, n_steps: int) -> dict[str, float]:
     jax.block_until_ready(out.prediction)
     compile_s = time.perf_counter() - start
     latencies = []
-    for v in values[p.min_history + 1 :]:
-        start = time.perf_counter()
-        out, state = p.step(state, float(v))
-        jax.block_until_ready(out.prediction)
-        latencies.append(time.perf_counter() - start)
+    with single_thread_blas():  # as the README advises for an online loop
+        for v in values[p.min_history + 1 :]:
+            start = time.perf_counter()
+            out, state = p.step(state, float(v))
+            jax.block_until_ready(out.prediction)
+            latencies.append(time.perf_counter() - start)
     lat = np.asarray(latencies)
     return {"steps": len(lat), "first_step_s": compile_s, "p50_s": float(np.median(lat)),
             "p99_s": float(np.quantile(lat, 0.99)), "series_steps_per_s": float(1.0 / lat.mean())}
@@ -106,10 +108,11 @@ def seed_loop(cfg, batch: int, n_steps: int) -> dict[str, float]:
         return jax.block_until_ready(states)
 
     states = time_step(states, m)  # compiles the single step
-    start = time.perf_counter()
-    for t in range(m + 1, m + 1 + n_steps):
-        states = time_step(states, t)
-    elapsed = time.perf_counter() - start
+    with single_thread_blas():
+        start = time.perf_counter()
+        for t in range(m + 1, m + 1 + n_steps):
+            states = time_step(states, t)
+        elapsed = time.perf_counter() - start
     return {"batch": batch, "time_steps": n_steps, "elapsed_s": elapsed,
             "series_steps_per_s": batch * n_steps / elapsed}
 

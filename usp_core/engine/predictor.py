@@ -151,10 +151,11 @@ class Predictor:
 
     def advance_batch(self, states: PredictorState, values, timestamps_ns, now_ns, mask) -> tuple[StepOutput, PredictorState]:
         """L steps of B series in one compiled scan (B, L arrays); a series keeps its state where ``mask`` is
-        False. Callers pad L to a few sizes: each (B, L) compiles once."""
-        new_states, out = _advance_batch_jit(
-            states, jnp.asarray(values, self.dtype), jnp.asarray(timestamps_ns, jnp.int64),
-            jnp.asarray(now_ns, jnp.int64), jnp.asarray(mask, bool), self.static, self.params)
+        False. Callers pad L to a few sizes: each (B, L) compiles once. Returns once the scan has run."""
+        with single_thread_blas():
+            new_states, out = jax.block_until_ready(_advance_batch_jit(
+                states, jnp.asarray(values, self.dtype), jnp.asarray(timestamps_ns, jnp.int64),
+                jnp.asarray(now_ns, jnp.int64), jnp.asarray(mask, bool), self.static, self.params))
         return out, new_states
 
     # -- whole series, compiled once (scan over time, vmap over series) -----------------------------------
