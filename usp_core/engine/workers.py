@@ -9,7 +9,7 @@ Cholesky factors ran no faster on two devices than on one (and up to 80x slower 
 the same scan without them ran twice as fast. Processes share nothing, so two pinned workers run twice one.
 
 The workers start on a panel's first split run (a spawn and a JAX start each, then one compile per block
-shape, all workers at once) and stay for the life of the process; a worker keeps the last few compiled
+shape, all workers at once) and stay for the life of the process (daemons: they end with it); a worker keeps the last few compiled
 programs, so later runs of the same static config and block shape only ship arrays. Outputs are the same as
 in-process to rounding: ``run_panel`` draws a step's random numbers once for the whole panel from the
 predictor's key, so every block draws the same ones.
@@ -21,8 +21,9 @@ up to n workers (at most one per core).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import multiprocessing
+import multiprocessing.context
 import os
 import threading
 import time
@@ -56,8 +57,8 @@ _broken = False  # the workers could not start in this process: split no more
 
 def run_processes(batch: int, length: int) -> int:
     """How many worker processes ``p.run`` splits a (batch, length) panel over (1: it runs in this process)."""
-    if _broken or os.environ.get(_WORKER_ENV):
-        return 1
+    if _broken or os.environ.get(_WORKER_ENV) or multiprocessing.current_process().daemon:
+        return 1  # a daemon process may not start children
     setting = os.environ.get(RUN_PROCESSES_ENV, "").strip()
     cores = len(_cores())  # 0 where affinity is unknown (not Linux): no pinned workers
     if setting:
@@ -128,14 +129,25 @@ _pools: dict[int, ProcessPoolExecutor] = {}  # core -> that core's worker
 _pools_lock = threading.Lock()
 
 
-def _workers(n: int) -> list[ProcessPoolExecutor]:
-    import multiprocessing as mp
+class _DaemonSpawnProcess(multiprocessing.context.SpawnProcess):
+    """A daemon worker: an exiting multiprocessing child (a Dagster step, the bench's measuring process) joins
+    its non-daemon children, and a pool's idle worker would never leave; daemon ones are terminated."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
+class _DaemonSpawnContext(multiprocessing.context.SpawnContext):
+    Process = _DaemonSpawnProcess
+
+
+def _workers(n: int) -> list[ProcessPoolExecutor]:
     with _pools_lock:
         pools = []
         for core in _cores()[:n]:
             if core not in _pools:
-                _pools[core] = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                _pools[core] = ProcessPoolExecutor(1, mp_context=_DaemonSpawnContext(), initializer=_start_worker,
                                                    initargs=(core,))
             pools.append(_pools[core])
         return pools
@@ -148,9 +160,6 @@ def shutdown() -> None:
         _pools.clear()
     for pool in pools:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-atexit.register(shutdown)
 
 
 def _blocks(batch: int, n: int) -> list[slice]:

@@ -60,3 +60,44 @@ def test_split_run_equals_in_process_run(small_config, monkeypatch):
     finally:
         workers.shutdown()
     assert not workers._pools
+
+
+_NESTED = '''
+import json, sys
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+
+
+def job(config):
+    import os
+    os.environ["USP_RUN_PROCESSES"] = "2"
+    from usp_core import Predictor, PredictorConfig
+    from usp_core.data import synthetic
+    from usp_core.engine import workers
+    values = synthetic.ornstein_uhlenbeck(120, theta=0.05, sigma=1.0, seed=0, batch=4)
+    Predictor(PredictorConfig(config), compile_cache=False).run(values)
+    return len(workers._pools)
+
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        print(pool.submit(job, json.loads(sys.argv[1])).result())
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to split over")
+def test_a_multiprocessing_child_that_split_a_run_exits(small_config, tmp_path):
+    """A Dagster step or the bench's measuring process is a multiprocessing child: when it exits it joins its
+    non-daemon children, so p.run's idle workers (daemons) must not keep it alive."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "nested.py"
+    script.write_text(_NESTED)
+    env = {k: v for k, v in os.environ.items() if k != workers.RUN_PROCESSES_ENV}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(dict(small_config))], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "2"  # the child did split over two workers
