@@ -9,10 +9,10 @@ Cholesky factors ran no faster on two devices than on one (and up to 80x slower 
 the same scan without them ran twice as fast. Processes share nothing, so two pinned workers run twice one.
 
 The workers start on a panel's first split run (a spawn and a JAX start each, then one compile per block
-shape, all workers at once) and stay for the life of the process (daemons: they end with it); a worker keeps the last few compiled
-programs, so later runs of the same static config and block shape only ship arrays. Outputs are the same as
-in-process to rounding: ``run_panel`` draws a step's random numbers once for the whole panel from the
-predictor's key, so every block draws the same ones.
+shape, all workers at once) and stay for the life of the process (they are daemons: they end with it); a
+worker keeps the last few compiled programs, so later runs of the same static config and block shape only
+ship arrays. Outputs are the same as in-process to rounding: ``run_panel`` draws a step's random numbers once
+for the whole panel from the predictor's key, so every block draws the same ones.
 
 ``USP_RUN_PROCESSES``: unset, a panel of at least ``MIN_SERIES_STEPS`` series-steps is split over one worker
 per core this process may run on; ``1`` never splits; ``n > 1`` splits every panel of two or more series over
