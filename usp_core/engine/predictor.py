@@ -183,10 +183,12 @@ class Predictor:
             return 1
         return run_processes(*arr.shape)
 
-    def _prepare(self, values, timestamps_ns, now_ns, bucket: bool):
-        """Pad to the bucket and place on devices: ``(arrays, single, b, t)``. Accelerators: the series axis
-        sharded over every local device (XLA propagates the sharding); CPU: the default device."""
-        arr, ts, now, single = self._host_arrays(values, timestamps_ns, now_ns)
+    @staticmethod
+    def _prepare(host: tuple[np.ndarray, np.ndarray, np.ndarray, bool], bucket: bool):
+        """:meth:`_host_arrays`' arrays padded to the bucket and placed on devices: ``(arrays, single, b, t)``.
+        Accelerators: the series axis sharded over every local device (XLA propagates the sharding); CPU: the
+        default device."""
+        arr, ts, now, single = host
         b, t = arr.shape
         tb, bb = (_bucket(t, _T_BUCKET), _batch_bucket(b)) if bucket else (t, b)
         devices = jax.local_device_count() if jax.default_backend() != "cpu" else 1
@@ -224,13 +226,13 @@ class Predictor:
 
         On a CPU host with several cores a large panel is split over a worker process per core
         (:mod:`usp_core.engine.workers`)."""
-        host, ts, now, single = self._host_arrays(values, timestamps_ns, now_ns)
-        processes = self._split_processes(host, single)
+        host = self._host_arrays(values, timestamps_ns, now_ns)
+        processes = self._split_processes(host[0], host[3])
         if processes > 1:
-            out = run_split(dict(self.cfg), host, ts, now, processes, bucket, self.compile_cache)
+            out = run_split(dict(self.cfg), *host[:3], processes, bucket, self.compile_cache)
             if out is not None:
                 return out
-        (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
+        (arr, ts, now), single, b, t = self._prepare(host, bucket)
         with single_thread_blas():
             return self._finish(_run_jit(arr, ts, now, self.key, self.static, self.params), single, b, t)
 
@@ -239,13 +241,13 @@ class Predictor:
         returned callable runs any input of that (bucketed) shape without tracing, and says how long the
         compilation took. A panel that ``run`` splits over worker processes is compiled in each worker for
         its block (all at once; the seconds are the wall time, worker start included)."""
-        host, ts, now, single = self._host_arrays(values, timestamps_ns, now_ns)
-        processes = self._split_processes(host, single)
+        host = self._host_arrays(values, timestamps_ns, now_ns)
+        processes = self._split_processes(host[0], host[3])
         if processes > 1:
-            seconds = compile_split(dict(self.cfg), host, ts, now, processes, bucket, self.compile_cache)
+            seconds = compile_split(dict(self.cfg), *host[:3], processes, bucket, self.compile_cache)
             if seconds is not None:
                 return CompiledRun(self, None, seconds, bucket, processes)
-        (arr, ts, now), *_ = self._prepare(values, timestamps_ns, now_ns, bucket)
+        (arr, ts, now), *_ = self._prepare(host, bucket)
         start = time.perf_counter()
         executable = _run_jit.lower(arr, ts, now, self.key, self.static, self.params).compile()
         return CompiledRun(self, executable, time.perf_counter() - start, bucket)
@@ -259,7 +261,7 @@ class Predictor:
         trials agree on every kernel-side parameter the kernels run once and only the fusion is vmapped over
         trials (``run_trials_shared``), which is what makes a batch of fusion trials cheap.
         """
-        (arr, ts, now), single, b, t = self._prepare(values, timestamps_ns, now_ns, bucket)
+        (arr, ts, now), single, b, t = self._prepare(self._host_arrays(values, timestamps_ns, now_ns), bucket)
         missing = set(self.params) - set(params_batch)
         if missing:
             raise ValueError(f"params_batch lacks dynamic parameters: {sorted(missing)}")
@@ -286,13 +288,13 @@ class CompiledRun:
 
     def __call__(self, values, timestamps_ns=None, *, now_ns=None) -> PredictorOutput:
         p = self.predictor
+        host = p._host_arrays(values, timestamps_ns, now_ns)
         if self.processes > 1:
-            host, ts, now, _ = p._host_arrays(values, timestamps_ns, now_ns)
-            out = run_split(dict(p.cfg), host, ts, now, self.processes, self.bucket, p.compile_cache)
+            out = run_split(dict(p.cfg), *host[:3], self.processes, self.bucket, p.compile_cache)
             if out is None:
                 raise RuntimeError("p.run's worker processes died; compile this run again (it then runs in-process)")
             return out
-        (arr, ts, now), single, b, t = p._prepare(values, timestamps_ns, now_ns, self.bucket)
+        (arr, ts, now), single, b, t = p._prepare(host, self.bucket)
         with single_thread_blas():
             return p._finish(self.executable(arr, ts, now, p.key, p.params), single, b, t)
 
