@@ -5,8 +5,9 @@
 
 ``newest`` is the newest ``--length`` points of each series (the bench's dev table); ``older`` the ``--length``
 points before them, or the first half of a series shorter than twice that. Per series: CRPS skill vs naive of the
-fused forecast, of the best single kernel and of GARCH(1,1), 95 % coverage, emergency fraction, regime changes and
-mean weights; then one summary line per config against the SPEC §4.3 targets.
+fused forecast, of the best single kernel and of GARCH(1,1), 95 % coverage, interval (Winkler) score over the
+naive forecast's, emergency fraction, regime changes and mean weights; then one summary line per config against
+the SPEC §4.3 targets.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from usp_core.backtest.runner import GARCH, KERNEL_MODELS, USP, run_backtest
+from usp_core.backtest.runner import GARCH, KERNEL_MODELS, NAIVE, USP, run_backtest
 from usp_core.config import PredictorConfig
 from usp_core.data.real import load_dev_panel
 
@@ -58,6 +59,8 @@ def evaluate(cfg: PredictorConfig, panel: pd.DataFrame) -> pd.DataFrame:
             "best_kernel": per_series.loc[(best, series_id)]["crps_skill"], "which": best.removeprefix("kernel_"),
             "garch": per_series.loc[(GARCH, series_id)]["crps_skill"],
             "coverage": per_series.loc[(USP, series_id)]["coverage"],
+            "interval_score": per_series.loc[(USP, series_id)]["interval_score"]
+            / per_series.loc[(NAIVE, series_id)]["interval_score"],
             "emergency": float(np.asarray(out.emergency)[b][live].mean()),
             "regime_changes": int(np.asarray(out.regime_change)[b].sum()),
             "weights": " ".join(f"{w:.2f}" for w in np.asarray(out.weights)[b][live].mean(axis=0)),
@@ -69,7 +72,8 @@ def summary(df: pd.DataFrame) -> str:
     returns = df.series.isin(RETURN_SERIES)
     return (f"mean skill {df.usp.mean():+.4f}, worst {df.usp.min():+.3f}, fused >= best kernel "
             f"{int((df.usp >= df.best_kernel).sum())}/{len(df)}, coverage in [0.93, 0.97] "
-            f"{int(df.coverage.between(0.93, 0.97).sum())}/{len(df)}, returns >= GARCH "
+            f"{int(df.coverage.between(0.93, 0.97).sum())}/{len(df)}, interval score / naive's "
+            f"{df.interval_score.mean():.4f}, returns >= GARCH "
             f"{int((df.usp[returns] >= df.garch[returns]).sum())}/{int(returns.sum())}, "
             f"mean emergency {df.emergency.mean():.3f}")
 

@@ -86,7 +86,10 @@ FIELDS: tuple[Field, ...] = (
     _i("core", "base_min_signal_length", 64, 32, 512,
        "Kernel window length n; also the minimum history before the first forecast.", static=True),
     _f("core", "calibration_alpha", 0.005, 0.001, 0.5,
-       "Step size of the coverage tracker: log of the interval scale moves by this times (missed - (1 - level))."),
+       "Step size of the sigma's coverage tracker: log of the sigma's scale moves by this times (missed - (1 - level))."),
+    _f("core", "interval_alpha", 0.15, 0.001, 0.5,
+       "Step size of the interval's coverage tracker: log of the width of lower/upper over z sigma moves by this "
+       "times (missed - (1 - level)); sigma (and so the CRPS) is not affected."),
     _f("core", "calibration_persistence", 0.9, 0.0, 0.999,
        "Persistence a + b of the GARCH(1,1) calibration factor of the fused sigma (< 1: stationary by construction).",
        tier="fast", search_low=0.5, search_high=0.99),

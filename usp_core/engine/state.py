@@ -69,10 +69,11 @@ class FusionState(eqx.Module):
     ema_variance: Float[Array, ""]  # v_t
     scale_loss: Float[Array, " k1"]  # EMA of the candidate sigmas' CRPS (experts, then the mixture), same mass
     pooled_sigma: Float[Array, ""]  # scale-weighted candidate sigma, before the interval scale and GARCH factor
-    log_interval_scale: Float[Array, ""]  # log c of the coverage tracker
+    log_interval_scale: Float[Array, ""]  # log c of the fused sigma's coverage tracker
     garch_variance: Float[Array, ""]  # GARCH(1,1) factor g on (e / (pooled_sigma c))^2 (SPEC §3.12)
     selection_score: Float[Array, " k1"]  # discounted CRPS sums: the fused forecast, then each expert whole
-    log_selection_scale: Float[Array, ""]  # log of the coverage tracker's scale of the selected interval
+    log_selection_scale: Float[Array, ""]  # log of the coverage tracker's scale of the selected sigma
+    log_interval_width: Float[Array, ""]  # log of the output interval's half-width over z output_sigma
     output_forecast: Float[Array, ""]  # the selected forecast: the prediction the step outputs
     output_sigma: Float[Array, ""]
     cusum_g_plus: Float[Array, ""]

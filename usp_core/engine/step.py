@@ -130,11 +130,11 @@ def _selection_weights(score, params, ok, force_fused) -> Float[Array, " k1"]:
     return jnp.where(force_fused, jnp.zeros_like(weights).at[0].set(1.0), weights)
 
 
-def _coverage_step(log_scale, missed, params) -> Float[Array, ""]:
+def _coverage_step(log_scale, missed, rate, params) -> Float[Array, ""]:
     """Interval scale c by coverage tracking (adaptive conformal inference, Gibbs & Candes 2021): log c rises by
-    alpha (1 - level) when the interval missed and falls by alpha level otherwise, so the long-run miss rate is
+    rate (1 - level) when the interval missed and falls by rate level otherwise, so the long-run miss rate is
     1 - level whatever the tails; an RMS calibration would over-widen heavy-tailed series."""
-    step = params["calibration_alpha"] * (missed - (1 - params["interval_level"]))
+    step = rate * (missed - (1 - params["interval_level"]))
     return jnp.clip(log_scale + step, -_LOG_INTERVAL_SCALE_BOUND, _LOG_INTERVAL_SCALE_BOUND)
 
 
@@ -189,7 +189,8 @@ def fusion_init(kernel: KernelState, static, params) -> FusionState:
         potentials=jnp.zeros((2, NUM_EXPERTS), dtype), kernel_loss=jnp.zeros((NUM_EXPERTS,), dtype), loss_mass=zero_f,
         ema_variance=ema_variance, scale_loss=jnp.zeros((NUM_EXPERTS + 1,), dtype), pooled_sigma=mixture_sigma,
         log_interval_scale=zero_f, garch_variance=jnp.ones((), dtype),
-        selection_score=jnp.zeros((NUM_EXPERTS + 1,), dtype), log_selection_scale=zero_f, output_forecast=forecast,
+        selection_score=jnp.zeros((NUM_EXPERTS + 1,), dtype), log_selection_scale=zero_f, log_interval_width=zero_f,
+        output_forecast=forecast,
         output_sigma=mixture_sigma,
         cusum_g_plus=zero_f, cusum_g_minus=zero_f,
         cusum_h=cusum.cusum_threshold(params["kurtosis_reference"], params["cusum_h"], params["kurtosis_reference"]),
@@ -225,7 +226,7 @@ def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, s
 def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, scale_weights, selection_weights, holder, entropy, collapsed, degraded, frozen, rejected,
             regime_change, outlier, stale, gap, free_energy, converged, sinkhorn_error, residual, z_score,
             collapse_warning) -> StepOutput:
-    half_width = _interval_z(params) * f.output_sigma
+    half_width = _interval_z(params) * f.output_sigma * jnp.exp(f.log_interval_width)
     return StepOutput(
         prediction=f.output_forecast, lower=f.output_forecast - half_width, upper=f.output_forecast + half_width,
         sigma=f.output_sigma,
@@ -404,7 +405,7 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     log_candidates = jnp.log(jnp.where(candidate_ok, jnp.append(tr.sigmas, mixture_sigma), 1.0))
     pooled_sigma = jnp.exp(jnp.sum(scale_weights * log_candidates))
     missed = (jnp.abs(residual) > _interval_z(params) * f.forecast_sigma).astype(dtype)
-    log_interval_scale = _coverage_step(f.log_interval_scale, missed, params)
+    log_interval_scale = _coverage_step(f.log_interval_scale, missed, params["calibration_alpha"], params)
     # GARCH(1,1) factor g on u = e / (pooled sigma c) with long-run level 1 (SPEC §3.12):
     # g' = (1 - p) + a u^2 + (p - a) g with a = reaction * p, stationary for any p < 1.
     u2 = jnp.minimum((residual / (f.pooled_sigma * jnp.exp(f.log_interval_scale))) ** 2, _CALIBRATION_Z2_CAP)
@@ -424,7 +425,13 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     selection_score = (1 - 1 / params["selection_memory"]) * f.selection_score + selection_losses
     selection_weights = _selection_weights(selection_score, params, selection_ok, force_d)
     selection_missed = (jnp.abs(tr.value - f.output_forecast) > _interval_z(params) * f.output_sigma).astype(dtype)
-    log_selection_scale = _coverage_step(f.log_selection_scale, selection_missed, params)
+    log_selection_scale = _coverage_step(f.log_selection_scale, selection_missed, params["calibration_alpha"], params)
+    # The interval lower/upper has a faster tracker of its own on its width over z output_sigma: a sigma that
+    # meets the nominal coverage on heavy-tailed data is wider than the CRPS-optimal one, so the sigma's trackers
+    # stay slow (a faster one cost ~0.005 of mean CRPS skill on the dev set) and the interval's carries coverage.
+    interval_missed = (jnp.abs(tr.value - f.output_forecast)
+                       > _interval_z(params) * f.output_sigma * jnp.exp(f.log_interval_width)).astype(dtype)
+    log_interval_width = _coverage_step(f.log_interval_width, interval_missed, params["interval_alpha"], params)
     output_forecast = jnp.sum(selection_weights * jnp.append(forecast, tr.predictions))
     output_sigma = jnp.exp(log_selection_scale + jnp.sum(
         selection_weights * jnp.log(jnp.where(selection_ok, jnp.append(forecast_sigma, tr.sigmas), 1.0))))
@@ -442,7 +449,7 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
         potentials=jko_result.potentials, kernel_loss=kernel_loss, loss_mass=loss_mass, ema_variance=ema_variance,
         scale_loss=scale_loss, pooled_sigma=pooled_sigma, log_interval_scale=log_interval_scale,
         garch_variance=garch_variance, selection_score=selection_score, log_selection_scale=log_selection_scale,
-        output_forecast=output_forecast, output_sigma=output_sigma, cusum_g_plus=cu.g_plus,
+        log_interval_width=log_interval_width, output_forecast=output_forecast, output_sigma=output_sigma, cusum_g_plus=cu.g_plus,
         cusum_g_minus=cu.g_minus, cusum_h=cusum_h, grace=cu.grace,
         z_window=f.z_window.at[f.z_count % r].set(z), z_count=f.z_count + 1, kurtosis=kurtosis,
         volatility=volatility, epsilon=epsilon, emergency=emergency, collapse_streak=collapse_streak,
