@@ -274,6 +274,12 @@ FIELDS: tuple[Field, ...] = (
     _f("meta_optimization", "train_ratio", 0.7, 0.1, 0.95, "Share of each series used before the first fold.", locked=True),
     _i("meta_optimization", "n_folds", 5, 2, 100, "Walk-forward folds; the last one is the promotion holdout.", locked=True),
     _i("meta_optimization", "batch_size", 8, 1, 256, "Trials sharing a static key evaluated in one vmapped call.", locked=True),
+    _i("meta_optimization", "fast_max_static_keys", 2, 1, 10_000,
+       "Most distinct static keys (compiled programs) a fast campaign explores; later batches take the static "
+       "params of the best trial so far.", locked=True),
+    _i("meta_optimization", "deep_max_static_keys", 8, 1, 10_000,
+       "Most distinct static keys (compiled programs) a deep campaign explores; later batches take the static "
+       "params of the best trial so far.", locked=True),
     _i("meta_optimization", "tuning_max_length", 1000, 0, 10_000_000,
        "Newest observations before the promotion holdout that a tuning trial backtests per series (0: all); "
        "every walk-forward fold of that segment is a tuning fold.", locked=True),

@@ -88,6 +88,7 @@ class MetaOptimizationConfig:
     enable_deep_tuning: bool = False
     batch_size: int = 8
     seed: int = 42
+    max_static_keys: int | None = None  # None: unbounded
 
     @classmethod
     def from_config(cls, cfg: PredictorConfig, overrides: Mapping[str, Any] | None = None) -> MetaOptimizationConfig:
@@ -95,6 +96,8 @@ class MetaOptimizationConfig:
         values = dict(n_trials=m["n_trials"], n_startup_trials=m["n_startup_trials"], multivariate=m["multivariate"],
                       enable_deep_tuning=m["enable_deep_tuning"], batch_size=m["batch_size"], seed=cfg["core.seed"])
         values.update(overrides or {})
+        if "max_static_keys" not in values:
+            values["max_static_keys"] = m["deep_max_static_keys" if values["enable_deep_tuning"] else "fast_max_static_keys"]
         return cls(**values)
 
     @property
@@ -340,7 +343,24 @@ class BayesianMetaOptimizer:
         trial.set_user_attr("usp_heartbeat", time.time())
         return trial
 
+    def _static_params_of_next_batch(self) -> dict[str, Any] | None:
+        """The static params the next batch must take, or None to let TPE choose them: once the study holds
+        ``max_static_keys`` distinct static keys, a batch takes the best complete trial's (each new key is a new
+        compiled program of ~30 s, more than a batch's evaluation)."""
+        names, cap = self.space.static_names, self.meta_config.max_static_keys
+        if not names or cap is None:
+            return None
+        sampled = [t for t in self._trials() if all(n in t.params for n in names)]
+        if len({tuple(t.params[n] for n in names) for t in sampled}) < cap:
+            return None
+        complete = [t for t in sampled if t.state == TrialState.COMPLETE and t.value is not None]
+        source = min(complete, key=lambda t: (t.value, t.number)) if complete else min(sampled, key=lambda t: t.number)
+        return {n: source.params[n] for n in names}
+
     def _ask_batch(self, k: int, budget: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:
+        static = self._static_params_of_next_batch() if self.share_static_in_batch else None
+        if static is not None:
+            self.study.enqueue_trial(static, skip_if_exists=False)
         leader = self._ask(budget)
         if leader is None:
             return []

@@ -107,6 +107,26 @@ def test_resume_from_storage_equals_straight_run(tmp_path):
     assert history(again.study) == history(straight.study)
 
 
+@pytest.mark.parametrize("cap", [1, 3])
+def test_a_campaign_explores_at_most_max_static_keys(cap):
+    """Each static key is a compiled program: once the study holds ``max_static_keys`` of them, every batch takes
+    the static params of the best complete trial so far, and each batch stays one static group."""
+    opt = BayesianMetaOptimizer(fake_evaluator, {**META, "max_static_keys": cap}, storage="memory:", campaign="cap")
+    opt.optimize(40)
+    trials = sorted(opt.study.trials, key=lambda t: t.number)
+    names = opt.space.static_names
+    key = lambda t: tuple(t.params[n] for n in names)  # noqa: E731
+    assert len({key(t) for t in trials}) == cap
+    assert opt.evaluation_calls == -(-40 // META["batch_size"])  # one evaluator call (program) per batch
+    for start in range(0, 40, META["batch_size"]):
+        before = [t for t in trials[:start] if t.state == TrialState.COMPLETE]
+        if len({key(t) for t in trials[:start]}) >= cap and before:
+            assert key(trials[start]) == key(min(before, key=lambda t: (t.value, t.number)))
+    unbounded = BayesianMetaOptimizer(fake_evaluator, {**META, "max_static_keys": None}, storage="memory:", campaign="cap")
+    unbounded.optimize(40)
+    assert len({key(t) for t in unbounded.study.trials}) > 3
+
+
 def test_checkpoint_integrity(tmp_path):
     opt = BayesianMetaOptimizer(fake_evaluator, {"n_trials": 6, "batch_size": 3}, storage="memory:")
     opt.optimize()
