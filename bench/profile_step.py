@@ -1,7 +1,7 @@
 """Where a step's time goes: µs per series-step of each part of the step, each run as its own
 ``jit(vmap(lax.scan(...)))`` over B series and T steps (so the numbers are comparable with ``p.run``).
 
-    python bench/profile_step.py [--batch 64] [--length 256] [--parts step,kernels,fusion,A,B,C,D,wtmm,krr]
+    python bench/profile_step.py [--batch 64] [--length 256] [--parts step,kernels,A,B,C,D,last_value,long_mean,wtmm,krr]
 
 Pin it to one core (``taskset -c 1``) on a shared machine; compare parts measured in one run.
 """
@@ -19,7 +19,7 @@ from usp_core.config import PredictorConfig
 from usp_core.data import synthetic
 from usp_core.engine import step as step_mod
 from usp_core.engine.workers import single_thread_blas
-from usp_core.kernels import KERNELS, ridge, wtmm
+from usp_core.kernels import ANCHORS, KERNELS, ridge, wtmm
 
 jax.config.update("jax_enable_x64", True)
 
@@ -89,6 +89,8 @@ def parts(cfg: PredictorConfig) -> dict:
     out["kernels"] = kernel_pass
     for name, kernel in zip("ABCD", KERNELS, strict=True):
         out[name] = _kernel_scan(kernel, static, params)
+    for anchor in ANCHORS:
+        out[anchor.name] = _kernel_scan(anchor, static, params)
     out["wtmm"] = _window_scan(lambda w: wtmm.holder_exponent(
         jnp.concatenate([jnp.zeros(max(length - w.shape[0], 0)), w])[-length:], jnp.asarray(w.shape[0]), static,
         params), static)

@@ -11,6 +11,9 @@ import pytest
 import usp_core  # noqa: F401  (enables float64)
 
 ROOT = Path(__file__).resolve().parents[1]
+# No persistent compilation cache in tests: JAX aborted a pytest-xdist worker while writing a cache entry
+# that the other worker shared, and a crashed worker loses its tests. Compilations stay cached in memory.
+jax.config.update("jax_enable_compilation_cache", False)
 os.environ.setdefault("USP_ROOT", str(ROOT))
 # p.run stays in the test's process (xdist already runs a test per core); tests/core/engine/test_workers.py
 # splits on purpose
@@ -33,18 +36,6 @@ SMALL_OVERRIDES = {
     # has its own bounds (tests/core/engine/test_predictor.py)
     "kernels.dgm_dtype": "float64",
 }
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _compile_cache(tmp_path_factory):
-    """JAX's persistent compilation cache in a directory of this test process's own: the per-module
-    ``jax.clear_caches()`` below drops compiled programs from memory, and many modules compile the same small
-    configs. Never a directory shared between xdist workers: JAX aborted a worker while writing an entry the other
-    worker shared, and a crashed worker loses its tests. Predictor's own cache setup keeps this directory."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    yield
-    jax.config.update("jax_compilation_cache_dir", None)
 
 
 @pytest.fixture(autouse=True, scope="module")
