@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,19 @@ def _batch_bucket(b: int) -> int:
     return _next_pow2(b) if b <= _B_QUANTUM else _bucket(b, _B_QUANTUM)
 
 
+class HostPanel(NamedTuple):
+    """A run's inputs as (B, T) host arrays, and whether the caller passed one series."""
+
+    values: np.ndarray
+    timestamps_ns: np.ndarray
+    now_ns: np.ndarray
+    single: bool
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.values, self.timestamps_ns, self.now_ns
+
+
 class Predictor:
     """Causal, regime-aware probabilistic one-step-ahead predictor for one or many series."""
 
@@ -159,7 +172,7 @@ class Predictor:
         return out, new_states
 
     # -- whole series, compiled once (scan over time, vmap over series) -----------------------------------
-    def _host_arrays(self, values, timestamps_ns, now_ns) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    def _host_arrays(self, values, timestamps_ns, now_ns) -> HostPanel:
         """(values, timestamps, observation times) as (B, T) host arrays, and whether ``values`` was one series."""
         arr = np.asarray(values, dtype=self.dtype)
         single = arr.ndim == 1
@@ -175,16 +188,17 @@ class Predictor:
         else:
             ts = np.broadcast_to(np.asarray(timestamps_ns, dtype=np.int64), (b, t))
         now = ts if now_ns is None else np.broadcast_to(np.asarray(now_ns, dtype=np.int64), (b, t))
-        return arr, ts, now, single
-
-    def _split_processes(self, arr: np.ndarray, single: bool) -> int:
-        """Worker processes ``run`` splits these series over (:mod:`usp_core.engine.workers`; CPU only)."""
-        if single or jax.default_backend() != "cpu":
-            return 1
-        return run_processes(*arr.shape)
+        return HostPanel(arr, ts, now, single)
 
     @staticmethod
-    def _prepare(host: tuple[np.ndarray, np.ndarray, np.ndarray, bool], bucket: bool):
+    def _split_processes(host: HostPanel) -> int:
+        """Worker processes ``run`` splits these series over (:mod:`usp_core.engine.workers`; CPU only)."""
+        if host.single or jax.default_backend() != "cpu":
+            return 1
+        return run_processes(*host.values.shape)
+
+    @staticmethod
+    def _prepare(host: HostPanel, bucket: bool):
         """:meth:`_host_arrays`' arrays padded to the bucket and placed on devices: ``(arrays, single, b, t)``.
         Accelerators: the series axis sharded over every local device (XLA propagates the sharding); CPU: the
         default device."""
@@ -227,9 +241,9 @@ class Predictor:
         On a CPU host with several cores a large panel is split over a worker process per core
         (:mod:`usp_core.engine.workers`)."""
         host = self._host_arrays(values, timestamps_ns, now_ns)
-        processes = self._split_processes(host[0], host[3])
+        processes = self._split_processes(host)
         if processes > 1:
-            out = run_split(dict(self.cfg), *host[:3], processes, bucket, self.compile_cache)
+            out = run_split(dict(self.cfg), *host.arrays, processes, bucket, self.compile_cache)
             if out is not None:
                 return out
         (arr, ts, now), single, b, t = self._prepare(host, bucket)
@@ -242,9 +256,9 @@ class Predictor:
         compilation took. A panel that ``run`` splits over worker processes is compiled in each worker for
         its block (all at once; the seconds are the wall time, worker start included)."""
         host = self._host_arrays(values, timestamps_ns, now_ns)
-        processes = self._split_processes(host[0], host[3])
+        processes = self._split_processes(host)
         if processes > 1:
-            seconds = compile_split(dict(self.cfg), *host[:3], processes, bucket, self.compile_cache)
+            seconds = compile_split(dict(self.cfg), *host.arrays, processes, bucket, self.compile_cache)
             if seconds is not None:
                 return CompiledRun(self, None, seconds, bucket, processes)
         (arr, ts, now), *_ = self._prepare(host, bucket)
@@ -290,7 +304,7 @@ class CompiledRun:
         p = self.predictor
         host = p._host_arrays(values, timestamps_ns, now_ns)
         if self.processes > 1:
-            out = run_split(dict(p.cfg), *host[:3], self.processes, self.bucket, p.compile_cache)
+            out = run_split(dict(p.cfg), *host.arrays, self.processes, self.bucket, p.compile_cache)
             if out is None:
                 raise RuntimeError("p.run's worker processes died; compile this run again (it then runs in-process)")
             return out

@@ -1,9 +1,11 @@
 """Numerical guards (SPEC §3.13), anchor experts (§3.1), the GARCH calibration of the fused sigma and the
 interval's coverage tracker (§3.12)."""
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 from usp_core import Predictor
 from usp_core.data import synthetic
@@ -80,9 +82,6 @@ def test_garch_calibration_covers_calm_and_turbulent_halves(small_config):
 def test_interval_tracker_moves_the_width_only(small_config):
     """One step from a prepared state: the observation falls outside the previous interval, so log w rises by
     interval_alpha (1 - level); the new half-width is z sigma w. The tracker leaves prediction and sigma alone."""
-    import equinox as eqx
-    from scipy.stats import norm
-
     cfg = small_config.replace({"core.interval_alpha": 0.2})
     p = Predictor(cfg)
     x = synthetic.ar_process(p.min_history, [0.5], seed=5) + 3.0
