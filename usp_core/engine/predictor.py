@@ -82,17 +82,17 @@ def _bucket(length: int, quantum: int) -> int:
     return length if length <= quantum else -(-length // quantum) * quantum
 
 
-def _next_pow2(n: int) -> int:
+def next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
 _B_QUANTUM = 8
 
 
-def _batch_bucket(b: int) -> int:
+def batch_bucket(b: int) -> int:
     """Padded batch size: a power of two up to ``_B_QUANTUM``, then a multiple of it (130 series run as 136, not
     256; a program per 8 series of panel size)."""
-    return _next_pow2(b) if b <= _B_QUANTUM else _bucket(b, _B_QUANTUM)
+    return next_power_of_two(b) if b <= _B_QUANTUM else _bucket(b, _B_QUANTUM)
 
 
 class HostPanel(NamedTuple):
@@ -204,7 +204,7 @@ class Predictor:
         default device."""
         arr, ts, now, single = host
         b, t = arr.shape
-        tb, bb = (_bucket(t, _T_BUCKET), _batch_bucket(b)) if bucket else (t, b)
+        tb, bb = (_bucket(t, _T_BUCKET), batch_bucket(b)) if bucket else (t, b)
         devices = jax.local_device_count() if jax.default_backend() != "cpu" else 1
         if bucket and devices > 1:
             bb = -(-bb // devices) * devices

@@ -43,13 +43,14 @@ MIN_SERIES_STEPS = 50_000
 _COMPILED_KEPT = 4
 
 
-def _cores() -> list[int]:
+def available_cores() -> list[int]:
+    """The cores this process may run on, sorted (empty where the platform does not tell)."""
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
 def host_cores() -> int:
-    """The cores this process may run on."""
-    return len(_cores()) or os.cpu_count() or 1
+    """How many cores this process may run on."""
+    return len(available_cores()) or os.cpu_count() or 1
 
 
 _broken = False  # the workers could not start in this process: split no more
@@ -60,7 +61,7 @@ def run_processes(batch: int, length: int) -> int:
     if _broken or os.environ.get(_WORKER_ENV) or multiprocessing.current_process().daemon:
         return 1  # a daemon process may not start children
     setting = os.environ.get(RUN_PROCESSES_ENV, "").strip()
-    cores = len(_cores())  # 0 where affinity is unknown (not Linux): no pinned workers
+    cores = len(available_cores())  # 0 where affinity is unknown (not Linux): no pinned workers
     if setting:
         return max(1, min(int(setting), cores, batch))
     return min(cores, batch) if batch * length >= MIN_SERIES_STEPS else 1
@@ -145,7 +146,7 @@ class _DaemonSpawnContext(multiprocessing.context.SpawnContext):
 def _workers(n: int) -> list[ProcessPoolExecutor]:
     with _pools_lock:
         pools = []
-        for core in _cores()[:n]:
+        for core in available_cores()[:n]:
             if core not in _pools:
                 _pools[core] = ProcessPoolExecutor(1, mp_context=_DaemonSpawnContext(), initializer=_start_worker,
                                                    initargs=(core,))

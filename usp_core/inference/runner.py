@@ -1,8 +1,9 @@
 """Inference on one observation file: validate, step every series' state, store predictions + states atomically.
 
 Rows of a series are stepped in time order; all series advance together through ``Predictor.advance_batch`` (one
-compiled scan per chunk of up to 256 time indices, batch padded to a power of two and chunks to 1, 2, 4, ...,
-256 steps so that file sizes reuse compilations), and a series without a row at that index keeps its state.
+compiled scan per chunk of up to 256 time indices; the batch is padded as ``Predictor.run`` pads it
+(``batch_bucket``) and chunks to 1, 2, 4, ..., 256 steps, so that panel and file sizes reuse compilations), and a
+series without a row at that index keeps its state.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from usp_core.config import PredictorConfig
+from usp_core.engine import step as step_mod
+from usp_core.engine.predictor import Predictor, batch_bucket, next_power_of_two
 from usp_core.inference.codec import StateDecodeError, decode_state, encode_state
 from usp_core.inference.store import PredictionStore
 
@@ -100,10 +103,6 @@ def _ns(ts: pd.Series) -> np.ndarray:
     return _naive_utc(ts).astype("datetime64[ns]").astype("int64").to_numpy()
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)]) if len(x) < size else x
 
@@ -166,9 +165,6 @@ def run_inference(
     are as late as its newest row per series, and the gate marks them stale beyond the configured TTL or
     multiple of the series' cadence. ``None`` treats each row as observed at its own timestamp (replays). Rows already stored are skipped, so a replayed file adds nothing.
     """
-    from usp_core.engine import step as step_mod
-    from usp_core.engine.predictor import Predictor
-
     log = log or (lambda _msg: None)
     path = Path(path)
     raw = read_observation_file(path)
@@ -260,7 +256,7 @@ def run_inference(
         }))
 
     if init_ids:
-        b = _next_pow2(len(init_ids))
+        b = batch_bucket(len(init_ids))
         init_states, init_out = predictor.init_batch(_pad_batch(np.stack(init_hist), b),
                                                      _pad_batch(np.asarray(init_ts, np.int64), b))
         emit(init_ids, np.asarray(init_ts), {name: np.asarray(getattr(init_out, name))[: len(init_ids)] for name in init_out._fields})
@@ -274,7 +270,7 @@ def run_inference(
         final_states[sid] = start_states[sid]
     if steppable:
         ids = [sid for sid, _, _ in steppable]
-        b = _next_pow2(len(ids))
+        b = batch_bucket(len(ids))
         length = max(len(v) for _, v, _ in steppable)
         values = np.zeros((b, length))
         stamps = np.zeros((b, length), np.int64)
@@ -289,7 +285,7 @@ def run_inference(
                 newest = stamps[i, len(steppable[i][1]) - 1]
                 now[i, len(steppable[i][1]) - n_file: len(steppable[i][1])] += max(0, int(now_ns) - int(newest))
         batch = _stack([start_states[sid] for sid in ids] + [start_states[ids[0]]] * (b - len(ids)))
-        chunk = min(_next_pow2(length), MAX_CHUNK)
+        chunk = min(next_power_of_two(length), MAX_CHUNK)
         for lo in range(0, length, chunk):
             part = slice(lo, lo + chunk)
             pad = chunk - mask[:, part].shape[1]

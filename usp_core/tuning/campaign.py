@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from usp_core.config.loader import PredictorConfig
-from usp_core.engine.workers import host_cores
+from usp_core.engine.workers import available_cores, host_cores
 from usp_core.tuning.optimizer import (
     AsyncMetaOptimizer,
     BayesianMetaOptimizer,
@@ -81,7 +81,7 @@ def worker_cores(workers: int) -> list[set[int]] | None:
     the cores. XLA:CPU runs one process's small batched ops about as fast on two cores as on one (measured:
     p.run 5 200 series-steps/s on both cores, 6 100 pinned to one), so two processes pinned to a core each
     give twice one's trial throughput where two unpinned ones would fight over both."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = available_cores()
     if workers < 2 or len(cores) < workers:
         return None
     return [{core} for core in cores[:workers]]

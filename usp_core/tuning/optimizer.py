@@ -47,8 +47,6 @@ from usp_core.tuning.report import BASELINE_ATTR, OptimizationReport, build_repo
 from usp_core.tuning.space import SearchSpace, TierName
 from usp_core.tuning.tracking import CampaignTracker, git_sha
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 IntegrityError = ckpt.IntegrityError
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 

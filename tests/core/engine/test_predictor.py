@@ -226,6 +226,6 @@ def test_compile_run_ahead_of_time_equals_run(predictor):
 
 
 def test_batches_pad_to_a_power_of_two_then_to_multiples_of_eight():
-    from usp_core.engine.predictor import _batch_bucket
+    from usp_core.engine.predictor import batch_bucket
 
-    assert [_batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 17, 130, 256)] == [1, 2, 4, 8, 8, 16, 24, 136, 256]
+    assert [batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 17, 130, 256)] == [1, 2, 4, 8, 8, 16, 24, 136, 256]
