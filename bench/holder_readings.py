@@ -80,11 +80,11 @@ def main() -> None:
     @jax.vmap
     def readings(buffer):
         n = jnp.asarray(length, jnp.int32)
-        return wtmm.wtmm_exponent(buffer, n, static, params), wtmm.wtmm_exponent(wtmm.profile(buffer, n), n, static, params)
+        return (wtmm.wtmm_exponent(buffer, n, static, params), wtmm.wtmm_exponent(wtmm.profile(buffer, n), n, static, params),
+                wtmm.holder_exponent(buffer, n, static, params))
 
     def report(name: str, windows: np.ndarray) -> None:
-        level, prof = map(np.asarray, readings(jnp.asarray(windows)))
-        h = np.maximum(level, wtmm.fold_profile_exponent(prof))
+        level, prof, h = map(np.asarray, readings(jnp.asarray(windows)))
         near_one = np.mean((prof > 0.9) & (prof < 1.3))
         print(f"{name:24s} {len(windows):5d} {np.median(level):6.2f} {np.median(prof):6.2f} "
               f"[{np.quantile(prof, 0.1):.2f}, {np.quantile(prof, 0.9):.2f}] {near_one:8.2f} {np.mean(h < threshold):8.2f}")
