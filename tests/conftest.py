@@ -32,9 +32,10 @@ SMALL_OVERRIDES = {
     "kernels.wtmm_buffer_size": 64,
     "core.base_min_signal_length": 32,
     "kernels.kernel_a_embedding_dim": 4,
-    # float64 so that the engine's invariants are checked at the rounding level; the float32 DGM of the defaults
-    # has its own bounds (tests/core/engine/test_predictor.py)
+    # float64 so that the engine's invariants are checked at the rounding level; the float32 DGM and Kernel A of
+    # the defaults have their own bounds (tests/core/engine/test_predictor.py)
     "kernels.dgm_dtype": "float64",
+    "kernels.kernel_a_dtype": "float64",
 }
 
 

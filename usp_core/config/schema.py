@@ -177,6 +177,11 @@ FIELDS: tuple[Field, ...] = (
     _i("kernels", "kernel_a_noise_iterations", 0, 0, 10,
        "Fixed-point refits of Kernel A's noise variance per step beyond the one fit warm-started from the previous "
        "step's ratio (one Cholesky each).", static=True),
+    _s("kernels", "kernel_a_dtype", "float32", ("float64", "float32"),
+       "Floating dtype of Kernel A's Gram matrix, factorisation and solves (the window is z-scored in core.dtype "
+       "and the forecast returned in it); float32 costs ~0.6 of float64 at the same dev-set accuracy (README, "
+       "Performance).",
+       static=True),
     _s("kernels", "kernel_a_target", "increment", ("increment", "level"),
        "Kernel A regresses the next increment (falls back to the last value off the data) or the next level.",
        static=True),

@@ -104,16 +104,18 @@ def krr_forecast(z: Float[Array, " n"], static, params, noise_ratio: Float[Array
     ``kernel_a_target = "increment"`` the regression target is the next increment, so far from the training
     inputs (trends, random walks) the forecast falls back to the last value; with "level" it is the next value
     (better on stationary oscillations, worse on persistent series)."""
-    x, target, query = delay_embed(z, static.kernel_a_embedding_dim)
+    dtype = jnp.dtype(static.kernel_a_dtype)
+    x, target, query = delay_embed(z.astype(dtype), static.kernel_a_embedding_dim)
     persistence = 1.0 if static.kernel_a_target == "increment" else 0.0
     y = target - persistence * x[:, -1]
     sq = gaussian_gram(x, x)
-    bandwidth = params["kernel_a_bandwidth"] * median_bandwidth(sq, params["numerical_epsilon"])
+    bandwidth = (params["kernel_a_bandwidth"] * median_bandwidth(sq, params["numerical_epsilon"])).astype(dtype)
     gram = jnp.exp(-sq / (2.0 * bandwidth**2))
     k_star = jnp.exp(-gaussian_gram(x, query[None, :])[:, 0] / (2.0 * bandwidth**2))
-    lam = params["kernel_ridge_lambda"]
+    lam = params["kernel_ridge_lambda"].astype(dtype)
+    start = jnp.asarray(noise_ratio, dtype)
 
-    fit = fit_ridge(gram, y, lam + noise_ratio)
+    fit = fit_ridge(gram, y, lam + start)
     for _ in range(static.kernel_a_noise_iterations if refits is None else refits):
         fit = fit_ridge(gram, y, lam + fit.noise_var / fit.signal_var)
 
@@ -123,7 +125,8 @@ def krr_forecast(z: Float[Array, " n"], static, params, noise_ratio: Float[Array
     # a numerically failed Cholesky (NaN) falls back to the last value with unit z-scale uncertainty
     ok = jnp.isfinite(mean) & jnp.isfinite(sigma)
     ratio = fit.noise_var / fit.signal_var
-    next_ratio = jnp.where(jnp.isfinite(ratio), ratio, noise_ratio).astype(z.dtype)
+    next_ratio = jnp.where(jnp.isfinite(ratio), ratio, start).astype(z.dtype)
+    mean, sigma = mean.astype(z.dtype), sigma.astype(z.dtype)
     return persistence * z[-1] + jnp.where(ok, mean, 0.0), jnp.where(ok, sigma, 1.0), next_ratio
 
 

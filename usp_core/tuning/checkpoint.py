@@ -173,7 +173,6 @@ def restore_study(
     storage: str | optuna.storages.BaseStorage | None,
     study_name: str | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
-    pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
     """Rebuild the checkpointed study in ``storage`` (trials added in number order, so numbers match).
 
@@ -185,7 +184,7 @@ def restore_study(
     if study_name is not None and study_name != name:
         raise ValueError(f"checkpoint holds study {name!r}, not {study_name!r}")
     study = optuna.create_study(
-        storage=storage, study_name=name, directions=doc["directions"], sampler=sampler, pruner=pruner,
+        storage=storage, study_name=name, directions=doc["directions"], sampler=sampler,
         load_if_exists=True)
     for key, value in doc["study_user_attrs"].items():
         if study.user_attrs.get(key) != value:

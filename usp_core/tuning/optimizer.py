@@ -14,6 +14,9 @@ Invariants that make campaigns resumable and multi-worker safe:
   batch is one static group and is evaluated in one vmapped call; TPE samples the dynamic params.
 - The study's creator enqueues the base config as trial 0 (user attr ``usp_baseline``): the campaign's best
   is never worse than where it started, and the report states the improvement.
+- No pruning: one causal ``Predictor.run`` scores every fold of a trial at once (usp_core.backtest.runner),
+  so a pruner could only discard an objective already computed. Per-fold values are reported as the trial's
+  intermediate values (step = fold index) for Optuna's and MLflow's views.
 """
 
 from __future__ import annotations
@@ -224,7 +227,6 @@ class BayesianMetaOptimizer:
         tracker: CampaignTracker | None = None,
         tags: Mapping[str, Any] | None = None,
         parallel: bool = False,
-        pruner: optuna.pruners.BasePruner | None = None,
         share_static_in_batch: bool = True,
         heartbeat_interval_s: float = 30.0,
         stale_after_s: float = 600.0,
@@ -252,17 +254,16 @@ class BayesianMetaOptimizer:
             seed=meta_config.seed, multivariate=meta_config.multivariate,
             n_startup_trials=meta_config.n_startup_trials,
             constant_liar=parallel or meta_config.batch_size > 1)
-        self.pruner = pruner if pruner is not None else optuna.pruners.MedianPruner(
-            n_startup_trials=max(meta_config.n_startup_trials, 1), n_warmup_steps=1)
+        no_pruning = optuna.pruners.NopPruner()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
                 self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
-                                                 direction="minimize", sampler=self.sampler, pruner=self.pruner)
+                                                 direction="minimize", sampler=self.sampler, pruner=no_pruning)
                 created = True
             except optuna.exceptions.DuplicatedStudyError:  # resumed, or another worker created it first
                 self.study = optuna.load_study(study_name=self.study_name, storage=self.storage,
-                                               sampler=self.sampler, pruner=self.pruner)
+                                               sampler=self.sampler, pruner=no_pruning)
                 created = False
         if created:
             # identifies this study across storages that share its name: a resume re-opens its MLflow parent
@@ -442,9 +443,6 @@ class BayesianMetaOptimizer:
                 for step, v in enumerate(folds):
                     if math.isfinite(v):
                         trial.report(float(v), step)
-                        if trial.should_prune():
-                            state, value = TrialState.PRUNED, None
-                            break
         try:
             frozen = self.study.tell(trial, value, state=state)
         except optuna.exceptions.UpdateFinishedTrialError:  # a worker judged us dead and finished it first:

@@ -76,12 +76,17 @@ def test_determinism(predictor):
     _assert_same(predictor.run(x), predictor.run(x))
 
 
-@pytest.mark.parametrize(("dgm_dtype", "tolerance"), [("float64", 1e-12), ("float32", 1e-6)])
-def test_vmap_parity(small_config, dgm_dtype, tolerance):
+def _with_dtype(config, dtype: str):
+    """The config with the DGM and Kernel A in ``dtype`` (both float32 in the defaults)."""
+    return config.replace({"kernels.dgm_dtype": dtype, "kernels.kernel_a_dtype": dtype})
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float64", 1e-12), ("float32", 1e-6)])
+def test_vmap_parity(small_config, dtype, tolerance):
     """A series' outputs do not depend on the panel it runs in. In float64 to rounding; a float32 DGM (the
     default) sums in a batch-shape-dependent order (~1e-8 relative, measured 9e-9 here), which its online Adam
     steps can amplify over long runs, so the float32 bound is looser."""
-    predictor = Predictor(small_config.replace({"kernels.dgm_dtype": dgm_dtype}))
+    predictor = Predictor(_with_dtype(small_config, dtype))
     x = _panel(6)
     together = predictor.run(x)
     for i in range(B):
@@ -93,12 +98,12 @@ def test_vmap_parity(small_config, dgm_dtype, tolerance):
             np.testing.assert_array_equal(getattr(together, name)[i], getattr(alone, name), err_msg=name)
 
 
-@pytest.mark.parametrize(("dgm_dtype", "tolerance"), [("float64", 1e-9), ("float32", 1e-3)])
-def test_step_loop_equals_run(small_config, dgm_dtype, tolerance):
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float64", 1e-9), ("float32", 1e-3)])
+def test_step_loop_equals_run(small_config, dtype, tolerance):
     """p.step one observation at a time gives p.run's outputs. A float32 DGM (the default) rounds differently in
     the two programs (XLA fuses the step and the scan body apart): 3e-6 relative in sigma at the first step, and
     its Adam steps amplify that to ~1e-4 in the weights within 40 steps here."""
-    predictor = Predictor(small_config.replace({"kernels.dgm_dtype": dgm_dtype}))
+    predictor = Predictor(_with_dtype(small_config, dtype))
     x = _panel(7, b=1)[0][:70]
     out = predictor.run(x, bucket=False)
     m = predictor.min_history

@@ -355,3 +355,16 @@ def test_worker_cores_gives_each_process_one_core(monkeypatch):
     assert campaign.worker_cores(3) == [{1}, {3}, {7}]
     assert campaign.worker_cores(4) is None  # more workers than cores: left to the OS
     assert campaign.worker_cores(1) is None
+
+
+def test_every_scored_trial_completes_with_its_objective_and_fold_values():
+    """One run scores all folds of a trial, so nothing is pruned: a trial whose first folds trail the
+    median still completes with its objective, and its folds are its intermediate values."""
+    opt = BayesianMetaOptimizer(fake_evaluator, META, storage="memory:", campaign="no-pruning")
+    opt.optimize(24)
+    trials = opt.study.get_trials(deepcopy=False)
+    assert len(trials) == 24 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        folds = t.user_attrs["fold_objectives"]
+        assert t.value == pytest.approx(np.mean(folds), rel=1e-12)
+        assert t.intermediate_values == {step: v for step, v in enumerate(folds)}
