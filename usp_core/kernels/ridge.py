@@ -11,9 +11,9 @@ iterates ``INITIAL_NOISE_FITS`` times from r = 1. Consecutive windows share all 
 ratio is the converged one to within a step's change, at one Cholesky per step.
 sigma^2 = GP posterior variance sigma_f^2 (1 - k*' (K + s I)^-1 k*) + sigma_n^2.
 
-The Gram matrix, its factorisation and the solves run in ``kernel_a_dtype`` (float32 by default): the window is
-z-scored in core.dtype, so the Gram's entries lie in (0, 1] with a unit diagonal and s >= lambda + the noise
-ratio keeps the factorisation well conditioned; the forecast and the carried ratio return in core.dtype.
+The Gram matrix, its factorisation and the solves run in ``kernel_a_dtype`` (float32 by default; the window is
+z-scored in core.dtype, and the forecast and the carried ratio return in it). A factorisation that fails in float32
+(a near-noiseless window with a tiny lambda) falls back to the last value like any failed fit.
 
 The Hoelder diagnostic of SPEC §3.4 A (usp_core.kernels.wtmm) reads a longer history than the window; the
 engine keeps that buffer and refreshes the estimate every ``wtmm_stride`` steps (usp_core.engine.step).
