@@ -16,9 +16,6 @@ from usp_core.kernels import sde
 
 RTOL = 1e-4  # SPEC §3.2; the panel's levels are 10-100, so no absolute floor is needed
 
-# one worker runs the module, so the two compiled runs of the `runs` fixture are computed once (~45 s)
-pytestmark = pytest.mark.xdist_group("float32")
-
 
 def _panel(length: int = 150) -> np.ndarray:
     """B = 3: a random walk around 50, an OU process around 20 and a fast OU process around 100."""
