@@ -180,7 +180,7 @@ FIELDS: tuple[Field, ...] = (
     _s("kernels", "kernel_a_dtype", "float32", ("float64", "float32"),
        "Floating dtype of Kernel A's Gram matrix, factorisation and solves (the window is z-scored in core.dtype "
        "and the forecast returned in it); float32 costs ~0.6 of float64 at the same dev-set accuracy (README, "
-       "Performance).",
+       "Forecast quality).",
        static=True),
     _s("kernels", "kernel_a_target", "increment", ("increment", "level"),
        "Kernel A regresses the next increment (falls back to the last value off the data) or the next level.",
@@ -206,7 +206,7 @@ FIELDS: tuple[Field, ...] = (
     _s("kernels", "dgm_activation", "tanh", ("tanh", "softplus", "sigmoid"), "Activation of the DGM network.", static=True),
     _s("kernels", "dgm_dtype", "float32", ("float64", "float32"),
        "Floating dtype of the DGM network, its optimiser state and training (inputs/outputs stay core.dtype); float32 "
-       "costs ~1/2 of float64 at the same dev-set accuracy (README, Performance).",
+       "costs ~1/2 of float64 at the same dev-set accuracy (README, Forecast quality).",
        static=True),
     _i("kernels", "dgm_train_steps", 1, 1, 100, "Warm-started optimiser steps of the DGM per observation.", static=True),
     _i("kernels", "dgm_init_train_steps", 100, 1, 10_000,
