@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -11,9 +13,43 @@ import pytest
 import usp_core  # noqa: F401  (enables float64)
 
 ROOT = Path(__file__).resolve().parents[1]
-# No persistent compilation cache in tests: JAX aborted a pytest-xdist worker while writing a cache entry
-# that the other worker shared, and a crashed worker loses its tests. Compilations stay cached in memory.
-jax.config.update("jax_enable_compilation_cache", False)
+
+
+def pytest_configure(config):
+    """A persistent compilation cache per test process, fresh for each session: modules that compile the same
+    program (the small config's run at one shape, say) load it instead of compiling it again after
+    ``_release_compiled_programs`` dropped it. Never one folder for two xdist workers: JAX aborted a worker
+    while writing an entry that the other worker shared."""
+    if os.environ.get("USP_TEST_JAX_CACHE", "1") == "0":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    folder = tempfile.mkdtemp(prefix=f"usp-test-jax-cache-{worker}-")
+    config.stash[_JAX_CACHE] = folder
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config):
+    folder = config.stash.get(_JAX_CACHE, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_JAX_CACHE = pytest.StashKey[str]()
+
+# The longest modules (1.5-3 min each on the 2-core machine) run first, so that neither xdist worker is left
+# with one of them while the other has nothing more to do.
+_LONGEST_FIRST = ("tests/e2e/test_demo_instance.py", "tests/pipeline/test_materialize.py",
+                  "tests/core/inference/test_sigkill.py", "tests/core/engine/test_workers.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: modules keep their tests together and in order
 os.environ.setdefault("USP_ROOT", str(ROOT))
 # p.run stays in the test's process (xdist already runs a test per core); tests/core/engine/test_workers.py
 # splits on purpose

@@ -234,3 +234,12 @@ def test_batches_pad_to_a_power_of_two_then_to_multiples_of_eight():
     from usp_core.engine.predictor import batch_bucket
 
     assert [batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 17, 130, 256)] == [1, 2, 4, 8, 8, 16, 24, 136, 256]
+
+
+def test_lengths_pad_to_a_power_of_two_then_to_multiples_of_256():
+    """Padding steps are NaN and sliced off (step == run and causality hold for padded lengths: T = 120 runs as 128)."""
+    from usp_core.engine.predictor import length_bucket
+
+    assert [length_bucket(t) for t in (33, 64, 65, 120, 200, 256, 257, 1000, 2000)] == [
+        64, 64, 128, 128, 256, 256, 512, 1024, 2048]
+
