@@ -81,7 +81,9 @@ def _release_compiled_programs():
     hundreds of executables (each static config, shape and kernel test compiles its own), and XLA:CPU aborted
     compiling the pipeline test after ~250 tests in one worker; in isolation that test passes."""
     yield
-    jax.clear_caches()
+    from usp_core.engine.predictor import release_compiled_programs
+
+    release_compiled_programs()
 
 
 @pytest.fixture(scope="session")

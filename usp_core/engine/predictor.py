@@ -23,7 +23,13 @@ from jaxtyping import Array
 from usp_core.config import PredictorConfig
 from usp_core.engine import step as step_mod
 from usp_core.engine.state import PredictorOutput, PredictorState, StepOutput
-from usp_core.engine.workers import compile_split, run_processes, run_split, single_thread_blas
+from usp_core.engine.workers import (
+    CompiledPrograms,
+    compile_split,
+    run_processes,
+    run_split,
+    single_thread_blas,
+)
 from usp_core.paths import project_root
 
 _init_jit = jax.jit(step_mod.init_state, static_argnames=("static",))
@@ -43,6 +49,21 @@ _ENTRY_POINTS = {"init": _init_jit, "step": _step_jit, "step_batch": _step_batch
                  "advance_batch": _advance_batch_jit, "run": _run_jit, "run_trials": _run_trials_jit,
                  "run_trials_shared": _run_trials_shared_jit}
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's monitoring event of an XLA compile
+
+TRIAL_PROGRAMS_KEPT = 8
+_trial_programs = CompiledPrograms(TRIAL_PROGRAMS_KEPT)
+
+
+def release_compiled_programs() -> None:
+    """Free every compiled program of this process: the trial programs ``run_trials`` keeps (at most
+    ``TRIAL_PROGRAMS_KEPT``) and JAX's jit caches (the next call of any shape compiles again)."""
+    _trial_programs.clear()
+    jax.clear_caches()
+
+
+def _program_key(name: str, static, args: tuple) -> tuple:
+    leaves, treedef = jax.tree.flatten(args)
+    return name, static, treedef, tuple((x.shape, x.dtype.str) for x in leaves)
 
 
 @contextlib.contextmanager
@@ -287,13 +308,17 @@ class Predictor:
             raise ValueError(f"params_batch lacks dynamic parameters: {sorted(missing)}")
         batch = {k: jnp.asarray(params_batch[k], self.params[k].dtype) for k in self.params}
         host = {k: np.asarray(v) for k, v in batch.items()}
+        if all((host[k] == host[k][0]).all() for k in step_mod.KERNEL_SIDE_PARAMS):
+            shared = {k: batch[k][0] for k in step_mod.KERNEL_SIDE_PARAMS}
+            name, args = "run_trials_shared", (arr, ts, now, self.key, shared, batch)
+        else:
+            name, args = "run_trials", (arr, ts, now, self.key, batch)
+        entry = _ENTRY_POINTS[name]
+        # compiled ahead of time and kept in a bounded cache: a campaign's programs are released as it moves on
+        program, _ = _trial_programs.get(_program_key(name, self.static, args),
+                                         lambda: entry.lower(*args[:4], self.static, *args[4:]).compile())
         with single_thread_blas():
-            if all((host[k] == host[k][0]).all() for k in step_mod.KERNEL_SIDE_PARAMS):
-                shared = {k: batch[k][0] for k in step_mod.KERNEL_SIDE_PARAMS}
-                out = _run_trials_shared_jit(arr, ts, now, self.key, self.static, shared, batch)
-            else:
-                out = _run_trials_jit(arr, ts, now, self.key, self.static, batch)
-            return self._finish(out, single, b, t, lead=(0,))
+            return self._finish(program(*args), single, b, t, lead=(0,))
 
 
 @dataclasses.dataclass(frozen=True)

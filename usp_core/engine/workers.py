@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -41,6 +41,33 @@ _WORKER_ENV = "USP_RUN_WORKER"  # set inside a worker: a worker never splits aga
 MIN_SERIES_STEPS = 50_000
 """Smallest panel split by default: ~10 s on one core, enough to repay a first split's worker start (~5 s)."""
 _COMPILED_KEPT = 4
+
+
+class CompiledPrograms:
+    """At most ``capacity`` compiled programs, the least recently used dropped first: an XLA executable is freed
+    with its last reference, so a long campaign (a program per static key, trial count and panel shape) holds a
+    bounded number of them. JAX's own jit caches grow until :func:`jax.clear_caches`, which drops every program."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._programs: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, compile_program: Callable[[], Any]) -> tuple[Any, bool]:
+        """The program under ``key``, compiled now (``(program, True)``) if it is not held."""
+        program = self._programs.get(key)
+        if program is not None:
+            self._programs.move_to_end(key)
+            return program, False
+        self._programs[key] = program = compile_program()
+        while len(self._programs) > self.capacity:
+            self._programs.popitem(last=False)
+        return program, True
+
+    def clear(self) -> None:
+        self._programs.clear()
+
+    def __len__(self) -> int:
+        return len(self._programs)
 
 
 def available_cores() -> list[int]:
@@ -95,7 +122,7 @@ def _start_worker(core: int) -> None:
     os.environ["XLA_FLAGS"] = flags
 
 
-_compiled: OrderedDict[tuple, Any] = OrderedDict()  # in a worker: (static, shape, dtype) -> jax Compiled
+_compiled = CompiledPrograms(_COMPILED_KEPT)  # in a worker: (static, shape, dtype, bucket) -> CompiledRun
 
 
 def _run_block(cfg_values: dict[str, Any], values: np.ndarray, timestamps_ns: np.ndarray, now_ns: np.ndarray,
@@ -111,19 +138,10 @@ def _run_block(cfg_values: dict[str, Any], values: np.ndarray, timestamps_ns: np
         jax.config.update("jax_enable_compilation_cache", False)
     p = Predictor(PredictorConfig(cfg_values), compile_cache=compile_cache)
     key = (p.static, values.shape, values.dtype.str, bucket)
-    executable = _compiled.get(key)
-    if executable is None:
-        compiled = p.compile_run(values, timestamps_ns, now_ns=now_ns, bucket=bucket)
-        _compiled[key] = executable = compiled.executable
-        while len(_compiled) > _COMPILED_KEPT:
-            _compiled.popitem(last=False)
-        seconds = compiled.compile_seconds
-    else:
-        _compiled.move_to_end(key)
-        seconds = 0.0
+    compiled, fresh = _compiled.get(key, lambda: p.compile_run(values, timestamps_ns, now_ns=now_ns, bucket=bucket))
     if compile_only:
-        return seconds
-    return CompiledRun(p, executable, seconds, bucket)(values, timestamps_ns, now_ns=now_ns)
+        return compiled.compile_seconds if fresh else 0.0
+    return CompiledRun(p, compiled.executable, compiled.compile_seconds, bucket)(values, timestamps_ns, now_ns=now_ns)
 
 
 _pools: dict[int, ProcessPoolExecutor] = {}  # core -> that core's worker

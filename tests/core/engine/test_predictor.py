@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from usp_core import Predictor
+from usp_core.engine import predictor as predictor_module
 from usp_core.engine import snapshot
 from usp_core.engine.fusion import simplex_violation
 from usp_core.engine.predictor import count_compilations
@@ -215,9 +216,32 @@ def test_run_trials_shares_the_kernel_pass_only_when_kernel_parameters_agree(pre
         full = predictor.run_trials(x, stack_params(mixed))
     assert first["run_trials_shared"] <= 1 and first["run_trials"] == 0, first
     assert second["run_trials_shared"] == 0 and second["run_trials"] <= 1, second
+    with count_compilations() as again:
+        predictor.run_trials(x, stack_params(mixed))
+    assert sum(again.values()) == 0, again
+    assert 2 <= len(predictor_module._trial_programs) <= predictor_module.TRIAL_PROGRAMS_KEPT  # held until released
+    predictor_module.release_compiled_programs()
+    assert len(predictor_module._trial_programs) == 0
     for out, cfgs in ((shared, fusion_only), (full, mixed)):
         for k, c in enumerate(cfgs):
             np.testing.assert_allclose(out.prediction[k], Predictor(c).run(x).prediction, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_programs_keep_the_most_recently_used():
+    from usp_core.engine.workers import CompiledPrograms
+
+    programs, compiled = CompiledPrograms(2), []
+
+    def compile_(key):
+        compiled.append(key)
+        return f"program {key}"
+
+    for key in ("a", "b", "a", "c", "b", "a"):
+        assert programs.get(key, lambda key=key: compile_(key))[0] == f"program {key}"
+        assert len(programs) <= 2
+    assert compiled == ["a", "b", "c", "b", "a"]  # "b" dropped for "c" (least recently used), then "a" for "b"
+    programs.clear()
+    assert len(programs) == 0
 
 
 def test_compile_run_ahead_of_time_equals_run(predictor):
