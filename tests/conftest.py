@@ -38,10 +38,14 @@ def pytest_unconfigure(config):
 
 _JAX_CACHE = pytest.StashKey[str]()
 
-# The longest modules (1.5-3 min each on the 2-core machine) run first, so that neither xdist worker is left
-# with one of them while the other has nothing more to do.
-_LONGEST_FIRST = ("tests/e2e/test_demo_instance.py", "tests/pipeline/test_materialize.py",
-                  "tests/core/inference/test_sigkill.py", "tests/core/engine/test_workers.py")
+# `make test` sends whole modules to a worker (--dist loadscope: a module's fixtures and compiled programs
+# serve all its tests once). The longest modules (2-6 min each on the 2-core machine) start first, longest
+# first, so that neither worker is left with one of them while the other has nothing more to do.
+_LONGEST_FIRST = ("tests/core/engine/test_predictor.py", "tests/core/config/test_config.py",
+                  "tests/e2e/test_demo_instance.py", "tests/core/engine/test_scenarios.py",
+                  "tests/core/engine/test_guards.py", "tests/core/inference/test_observation_store.py",
+                  "tests/core/inference/test_sigkill.py", "tests/pipeline/test_materialize.py",
+                  "tests/core/inference/test_inference_store.py", "tests/core/engine/test_float32.py")
 
 
 def pytest_collection_modifyitems(config, items):

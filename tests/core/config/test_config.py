@@ -207,7 +207,6 @@ def tuning_panel():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("predictor")
 def test_every_dynamic_tunable_field_changes_the_output(small_config, tuning_panel):
     from usp_core import Predictor
     from usp_core.engine.predictor import stack_params
@@ -224,7 +223,6 @@ def test_every_dynamic_tunable_field_changes_the_output(small_config, tuning_pan
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("predictor")
 @pytest.mark.parametrize("field", [f.name for f in TUNABLE if f.static])
 def test_every_static_tunable_field_changes_the_output(small_config, tuning_panel, field):
     from usp_core import Predictor

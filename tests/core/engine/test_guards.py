@@ -12,8 +12,6 @@ from usp_core.data import synthetic
 from usp_core.engine import step as engine_step
 from usp_core.kernels import EXPERT_NAMES, ForecastKernel, KernelResult
 
-pytestmark = pytest.mark.xdist_group("predictor")
-
 
 def _failing(kernel: ForecastKernel, bad: float) -> ForecastKernel:
     """The kernel, but its prediction is ``bad`` whenever the newest value lies above the window mean."""

@@ -8,8 +8,6 @@ import pytest
 
 from usp_core import Predictor
 
-pytestmark = pytest.mark.xdist_group("predictor")
-
 SKEWED = jnp.asarray([0.1, 0.2, 0.3, 0.2, 0.15, 0.05])  # A, B, C, D, last_value, long_mean
 KERNEL_D = [0, 0, 0, 1, 0, 0]
 RESET = [0.2, 0.2, 0.2, 0.2, 0.15, 0.05]  # the kernels' mass 0.8 spread uniformly, anchors kept

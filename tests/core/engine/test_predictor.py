@@ -18,9 +18,6 @@ T, B = 96, 3
 FLOAT_FIELDS = ("prediction", "lower", "upper", "sigma")
 EXACT_FIELDS = ("mode", "regime_change", "degraded", "emergency", "rejected")
 
-pytestmark = pytest.mark.xdist_group("predictor")
-
-
 @pytest.fixture(scope="module")
 def predictor(small_config):
     return Predictor(small_config)

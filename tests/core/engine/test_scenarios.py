@@ -8,8 +8,6 @@ import pytest
 from usp_core import Predictor
 from usp_core.data import synthetic
 
-pytestmark = pytest.mark.xdist_group("predictor")
-
 
 @pytest.fixture(scope="module")
 def predictor(small_config):

@@ -4,14 +4,11 @@ weighted average forecaster on discounted CRPS sums."""
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from scipy.special import softmax
 from scipy.stats import norm
 
 from usp_core import Predictor
 from usp_core.kernels import EXPERT_NAMES
-
-pytestmark = pytest.mark.xdist_group("predictor")
 
 
 def _crps(y, mean, sigma):
