@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/usp demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadscope --max-worker-restart=0 --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder --max-worker-restart=0 --durations=25 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check usp_core usp_pipeline tests bench
