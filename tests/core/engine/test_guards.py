@@ -13,34 +13,44 @@ from usp_core.engine import step as engine_step
 from usp_core.kernels import EXPERT_NAMES, ForecastKernel, KernelResult
 
 
-def _failing(kernel: ForecastKernel, bad: float) -> ForecastKernel:
-    """The kernel, but its prediction is ``bad`` whenever the newest value lies above the window mean."""
+def _failing(kernel: ForecastKernel, bad: float, band: tuple[float, float]) -> ForecastKernel:
+    """The kernel, but its prediction is ``bad`` whenever the newest value, standardised in its window, lies in
+    ``band``."""
 
     def forecast(window, carry, key, static, params):
         res = kernel.forecast(window, carry, key, static, params)
-        broken = window[-1] > jnp.mean(window)
+        z = (window[-1] - jnp.mean(window)) / (jnp.std(window) + 1e-12)
+        broken = (z >= band[0]) & (z < band[1])
         return KernelResult(jnp.where(broken, bad, res.prediction), res.sigma, res.metadata, res.carry)
 
     return kernel._replace(forecast=forecast)
 
 
-@pytest.mark.parametrize(("index", "bad"), [(1, np.nan), (2, np.inf), (0, 1e30)])
-def test_a_non_finite_expert_never_reaches_the_fusion_state(small_config, monkeypatch, index, bad):
+# Kernels A, B and C fail in turn, each in its band of the newest value (the bands partition the line: exactly
+# one of them fails at every step), with a finite absurd value, NaN and inf
+FAILURES = ((0, 1e30, (-np.inf, -0.5)), (1, np.nan, (-0.5, 0.5)), (2, np.inf, (0.5, np.inf)))
+
+
+def test_a_failing_expert_never_reaches_the_fusion_state(small_config, monkeypatch):
     experts = list(engine_step.EXPERTS)
-    experts[index] = _failing(experts[index], bad)
+    for index, bad, band in FAILURES:
+        experts[index] = _failing(experts[index], bad, band)
     monkeypatch.setattr(engine_step, "EXPERTS", tuple(experts))
     # a static value no other test uses: the patched pool gets its own compilation
-    cfg = small_config.replace({"orchestration.residual_window_size": 37 + index})
-    x = synthetic.ar_process(300, [0.5], seed=index)
+    cfg = small_config.replace({"orchestration.residual_window_size": 37})
+    x = synthetic.ar_process(300, [0.5], seed=1)
     out = Predictor(cfg).run(x)
     live = slice(Predictor(cfg).min_history - 1, None)
-    failed = out.expert_failed[live, index]
-    assert 0.2 < failed.mean() < 0.8
+    failed = out.expert_failed[live]
+    patched = [index for index, _, _ in FAILURES]
+    assert (failed[:, patched].sum(-1) == 1).all()
+    assert not failed[:, [i for i in range(len(EXPERT_NAMES)) if i not in patched]].any()
+    for index in patched:
+        assert 0.2 < failed[:, index].mean() < 0.8, index
+        assert (out.weights[live][failed[:, index], index] == 0).all(), index
     for name in ("prediction", "lower", "upper", "sigma", "weights", "kernel_predictions", "kernel_sigmas"):
         assert np.isfinite(getattr(out, name)[live]).all(), name
-    assert (out.weights[live][failed, index] == 0).all()
     np.testing.assert_allclose(out.weights[live].sum(-1), 1.0, atol=1e-12)
-    assert not out.expert_failed[live][:, [i for i in range(len(EXPERT_NAMES)) if i != index]].any()
 
 
 def test_anchor_experts_are_the_last_value_and_the_long_mean(small_config):
