@@ -40,6 +40,18 @@ def tier_fields(tier: TierName) -> tuple[Field, ...]:
     raise ValueError(f"unknown tuning tier {tier!r}: expected 'fast' or 'deep'")
 
 
+def _contains(distribution: BaseDistribution, value: Any) -> bool:
+    """Whether ``value`` is a point of one of this module's distributions (Optuna's own check is private)."""
+    if isinstance(distribution, IntDistribution):
+        return (float(value).is_integer() and distribution.low <= value <= distribution.high
+                and (int(value) - distribution.low) % distribution.step == 0)
+    if isinstance(distribution, FloatDistribution):
+        on_grid = distribution.step is None or math.isclose(
+            round((value - distribution.low) / distribution.step) * distribution.step, value - distribution.low)
+        return math.isfinite(value) and distribution.low <= value <= distribution.high and on_grid
+    raise TypeError(f"no containment rule for {type(distribution).__name__}")
+
+
 def _distribution(f: Field, cfg: PredictorConfig) -> BaseDistribution:
     lo, hi = cfg[f"meta_optimization.{f.name}_min"], cfg[f"meta_optimization.{f.name}_max"]
     if f.kind == "int":
@@ -89,7 +101,7 @@ class SearchSpace:
     def base_params(self) -> dict[str, Any] | None:
         """The base config's values of the tier's parameters, or None if one lies outside its distribution."""
         values = {p.name: self.base_config[p.field.key] for p in self.params}
-        inside = all(p.distribution._contains(p.distribution.to_internal_repr(values[p.name])) for p in self.params)
+        inside = all(_contains(p.distribution, values[p.name]) for p in self.params)
         return values if inside else None
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:

@@ -83,6 +83,22 @@ def test_repair_keeps_feasible_points_unchanged():
 META = {"n_trials": 50, "batch_size": 5, "n_startup_trials": 10}
 
 
+def test_base_params_only_when_every_value_is_a_point_of_its_distribution():
+    base = PredictorConfig.default()
+    space = SearchSpace("fast", base)
+    assert space.base_params() == {p.name: base[p.field.key] for p in space.params}
+    ints = [p for p in space.params if p.field.kind == "int" and space.distributions[p.name].step > 1]
+    floats = [p for p in space.params if p.field.kind != "int"]
+    assert ints and floats and base[floats[0].field.key] > 0
+    d = space.distributions[ints[0].name]
+    off_grid = {f"meta_optimization.{ints[0].name}_min": base[ints[0].field.key] - 1,
+                f"meta_optimization.{ints[0].name}_max": base[ints[0].field.key] - 1 + 2 * d.step}
+    beyond = {f"meta_optimization.{floats[0].name}_min": 0.25 * base[floats[0].field.key],
+              f"meta_optimization.{floats[0].name}_max": 0.5 * base[floats[0].field.key]}
+    for override in (off_grid, beyond):
+        assert SearchSpace("fast", base.replace(override)).base_params() is None, override
+
+
 def test_resume_from_checkpoint_equals_straight_run(tmp_path):
     first = BayesianMetaOptimizer(fake_evaluator, META, storage="memory:", campaign="resume")
     first.optimize(25)
