@@ -13,6 +13,7 @@ import pytest
 import usp_core  # noqa: F401  (enables float64)
 
 ROOT = Path(__file__).resolve().parents[1]
+_JAX_CACHE = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
@@ -36,8 +37,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-_JAX_CACHE = pytest.StashKey[str]()
-
 # `make test` sends whole modules to a worker (--dist loadscope: a module's fixtures and compiled programs
 # serve all its tests once). The longest modules (2-6 min each on the 2-core machine) start first, longest
 # first, so that neither worker is left with one of them while the other has nothing more to do.
@@ -54,6 +53,8 @@ def pytest_collection_modifyitems(config, items):
         return _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: modules keep their tests together and in order
+
+
 os.environ.setdefault("USP_ROOT", str(ROOT))
 # p.run stays in the test's process (xdist already runs a test per core); tests/core/engine/test_workers.py
 # splits on purpose
