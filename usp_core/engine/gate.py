@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from usp_core.kernels.sorting import median
+
 MODE_INFERENCE, MODE_DEGRADED, MODE_EMERGENCY = 0, 1, 2
 MODE_NAMES = ("inference", "degraded", "emergency")  # by StepOutput.mode
 _MAD_TO_STD = 1.4826
@@ -25,8 +27,8 @@ class GateDecision(NamedTuple):
 def robust_z(y, window: Float[Array, " n"]) -> Float[Array, ""]:
     """|y - median| / (1.4826 MAD). A window with MAD = 0 falls back to its std, and a constant window
     gives z = 0 (a frozen signal must be able to recover; the frozen-signal rule handles it)."""
-    med = jnp.median(window)
-    scale = _MAD_TO_STD * jnp.median(jnp.abs(window - med))
+    med = median(window)
+    scale = _MAD_TO_STD * median(jnp.abs(window - med))
     std = jnp.std(window)
     tiny = 1e-12 * jnp.maximum(jnp.abs(med), 1.0)
     scale = jnp.where(scale > tiny, scale, jnp.where(std > tiny, std, jnp.inf))

@@ -30,6 +30,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from usp_core.kernels.contract import ForecastKernel, KernelResult, tiny_floor, to_data_units, zscore
+from usp_core.kernels.sorting import median
 
 METADATA_KEYS: tuple[str, ...] = ()
 
@@ -54,7 +55,7 @@ def delay_embed(z: Float[Array, " n"], dim: int) -> tuple[Float[Array, "m d"], F
 
 
 MEDIAN_PAIRS = 128
-"""Pairs sampled for the median heuristic: XLA's CPU sort costs ~0.3 ms on all m(m-1)/2 pairs, ~12 us on 128."""
+"""Pairs sampled for the median heuristic: a sort of all m(m-1)/2 pairs would cost more than the fit."""
 
 
 @lru_cache(maxsize=16)
@@ -70,7 +71,7 @@ def median_bandwidth(sq_dists: Float[Array, "m m"], eps: Float[Array, ""]) -> Fl
     """Median heuristic: the median distance between distinct training inputs, over a fixed sample of
     MEDIAN_PAIRS pairs (floored so that a constant window still has a positive bandwidth)."""
     rows, cols = _median_pairs(sq_dists.shape[0])
-    return jnp.sqrt(jnp.maximum(jnp.median(sq_dists[rows, cols]), jnp.maximum(eps, 1e-12)))
+    return jnp.sqrt(jnp.maximum(median(sq_dists[rows, cols]), jnp.maximum(eps, 1e-12)))
 
 
 def gaussian_gram(a: Float[Array, "p d"], b: Float[Array, "r d"]) -> Float[Array, "p r"]:

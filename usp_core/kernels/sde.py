@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from usp_core.kernels.contract import ForecastKernel, KernelResult, to_data_units, zscore
+from usp_core.kernels.sorting import median
 from usp_core.kernels.stable import stable_sample
 
 METADATA_KEYS: tuple[str, ...] = ("stiffness", "stiffness_regime")
@@ -91,9 +92,9 @@ def estimate_coefficients(
     design = jnp.stack([jnp.ones_like(x), x], axis=1)
     (a0, b0), _ = _weighted_lstsq(design, dz, jnp.ones_like(x))
     resid = dz - a0 - b0 * x
-    centred = jnp.abs(resid - jnp.median(resid))
+    centred = jnp.abs(resid - median(resid))
     # around the median so that at least half the increments are kept even when the MAD is 0
-    kept = (centred <= _JUMP_THRESHOLD * 1.4826 * jnp.median(centred)).astype(z.dtype)
+    kept = (centred <= _JUMP_THRESHOLD * 1.4826 * median(centred)).astype(z.dtype)
     n_kept = jnp.sum(kept)
     (a1, b1), gram = _weighted_lstsq(design, dz, kept)
     # Positive-part James-Stein shrinkage of the mean-reversion slope toward the random walk: on a window of
