@@ -168,12 +168,11 @@ def trapezoid_step(
     number of Newton iterations from the explicit predictor (exact after one for a linear drift)."""
     explicit_part = x + 0.5 * step * drift(x) + diffusion(x) * noise + jump
 
-    def newton(y, _):
+    y = explicit_part + 0.5 * step * drift(x)
+    for _ in range(newton_iterations):  # unrolled: a nested loop per integration step costs more than its body
         residual = y - 0.5 * step * drift(y) - explicit_part
         slope = 1.0 - 0.5 * step * _elementwise_derivative(drift, y)
-        return y - residual / slope, None
-
-    y, _ = jax.lax.scan(newton, explicit_part + 0.5 * step * drift(x), None, length=newton_iterations)
+        y = y - residual / slope
     return y
 
 
