@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from usp_core.kernels.sorting import bitonic_sort, median
 
-_VALUES = st.lists(st.one_of(st.floats(-1e6, 1e6), st.sampled_from([0.0, -0.0, 1.0, 1.0, -2.5])), min_size=1,
-                   max_size=130)
+# XLA:CPU flushes subnormals to zero in compiled elementwise ops (jnp.median's own arithmetic included)
+_VALUES = st.lists(st.one_of(st.floats(-1e6, 1e6, allow_subnormal=False), st.sampled_from([0.0, -0.0, 1.0, 1.0, -2.5])),
+                   min_size=1, max_size=130)
 
 
 @settings(max_examples=60, deadline=None)
