@@ -194,7 +194,7 @@ FIELDS: tuple[Field, ...] = (
        "Highest moment order q of the WTMM partition function (> 0 so that the Legendre spectrum is bounded)."),
     _i("kernels", "wtmm_num_q", 13, 3, 101, "Number of equally spaced moment orders q in [wtmm_q_min, wtmm_q_max].",
        static=True),
-    _i("kernels", "wtmm_stride", 8, 1, 64,
+    _i("kernels", "wtmm_stride", 16, 1, 64,
        "Steps between two WTMM Hoelder estimates (the circuit breaker and stiffness thresholds read the latest).",
        static=True),
     _f("kernels", "besov_cone_c", 1.5, 0.1, 10.0, "Cone |dt| <= c s chaining modulus maxima across scales.",
