@@ -250,7 +250,8 @@ def histogram_entropy(values: Float[Array, " p"], low: Float[Array, ""], high: F
     equal bins; differential = discrete + log(bin width)."""
     bin_width = (high - low) / num_bins
     index = jnp.clip(jnp.floor((values - low) / bin_width), 0, num_bins - 1).astype(jnp.int32)
-    p = jnp.zeros(num_bins, values.dtype).at[index].add(1.0) / values.shape[0]
+    # counts by comparison rather than a scatter-add: XLA:CPU runs a batched scatter as a serial loop
+    p = jnp.sum(index[:, None] == jnp.arange(num_bins), axis=0, dtype=values.dtype) / values.shape[0]
     discrete = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return discrete + jnp.log(bin_width), discrete
 
