@@ -91,7 +91,7 @@ def fit_ridge(gram: Float[Array, "m m"], y: Float[Array, " m"], ratio: Float[Arr
     (floored at 1% of mean(y^2))."""
     m = y.shape[0]
     # the Gram matrix is symmetric by construction: jnp.linalg.cholesky's symmetrisation would copy its transpose
-    chol = lax_linalg.cholesky(gram + ratio * jnp.eye(m, dtype=gram.dtype), symmetrize_input=False)
+    chol = lax_linalg.cholesky(gram.T + ratio * jnp.eye(m, dtype=gram.dtype), symmetrize_input=False)
     # L^-1 from X L = I: XLA's right-sided triangular solve is ~3x cheaper on CPU than L X = I under vmap
     chol_inv = lax_linalg.triangular_solve(chol, jnp.eye(m, dtype=gram.dtype), left_side=False, lower=True)
     alpha = chol_inv.T @ (chol_inv @ y)
