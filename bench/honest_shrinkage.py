@@ -5,8 +5,9 @@ naive forecast's on the processes of tests/core/kernels/test_against_naive.py pl
     python bench/honest_shrinkage.py
 
 For kernel k at step t: s = S_xy / S_xx over the earlier steps (discount ``lam``), its standard error from the
-regression residual, and the shrunk increment max(0, min(1, s - z se)) * (prediction - last value). Nothing in
-the engine uses this yet; it measures what such a layer would buy (see the 2026-12-05 closing note).
+regression residual, and the shrunk increment max(0, min(1, s - z se)) * (prediction - last value). The engine
+does not use it: put inside the step, the same shrinkage costs the fused forecast in every setting tried (README,
+"Forecast quality", evidence-scaled kernel increments); this script shows what it does to the kernels alone.
 """
 
 from __future__ import annotations

@@ -90,8 +90,9 @@ def fit_ridge(gram: Float[Array, "m m"], y: Float[Array, " m"], ratio: Float[Arr
     Noise variance RSS / (m - tr H) with H = K (K + s I)^-1; signal variance = mean(y^2) - noise variance
     (floored at 1% of mean(y^2))."""
     m = y.shape[0]
-    # The Gram matrix is symmetric by construction, so it equals its transpose, which XLA hands to LAPACK's
-    # column-major layout as a bitcast; jnp.linalg.cholesky would symmetrise (a copy) and lay it out (another).
+    # The Gram matrix is symmetric (up to the matmul's rounding; the factorisation reads one triangle), so its
+    # transpose serves, and XLA hands that to LAPACK's column-major layout as a bitcast; jnp.linalg.cholesky
+    # would symmetrise (a copy) and lay it out (another).
     chol = lax_linalg.cholesky(gram.T + ratio * jnp.eye(m, dtype=gram.dtype), symmetrize_input=False)
     # L^-1 from X L = I: XLA's right-sided triangular solve is ~3x cheaper on CPU than L X = I under vmap
     chol_inv = lax_linalg.triangular_solve(chol, jnp.eye(m, dtype=gram.dtype), left_side=False, lower=True)
