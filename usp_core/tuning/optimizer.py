@@ -6,7 +6,9 @@ Invariants that make campaigns resumable and multi-worker safe:
   storage, so concurrent workers can never overshoot; a trial asked past the budget is handed back
   (WAITING) untouched. Finished (COMPLETE/PRUNED/FAIL) trials count towards the budget.
 - A RUNNING trial whose worker died (same host and dead pid, or a heartbeat older than ``stale_after_s``)
-  is re-queued in place (RUNNING -> WAITING, same number, same params): nothing lost or duplicated.
+  is re-queued in place (RUNNING -> WAITING, same number, same params): nothing lost or duplicated. So is a
+  RUNNING trial with no owner older than ``claim_grace_s``: ``ask`` and the owner attribute are two
+  storage writes, and a worker killed between them leaves a trial nobody's heartbeat will ever refresh.
 - The sampler is re-seeded from (core seed, trial number) before each trial, so a campaign's params depend
   only on the study history: resuming from storage or a checkpoint reproduces an uninterrupted campaign
   (given batch boundaries at multiples of ``batch_size``).
@@ -230,6 +232,7 @@ class BayesianMetaOptimizer:
         share_static_in_batch: bool = True,
         heartbeat_interval_s: float = 30.0,
         stale_after_s: float = 600.0,
+        claim_grace_s: float = 60.0,
         poll_interval_s: float = 0.5,
         enqueue_baseline: bool = True,
     ):
@@ -248,6 +251,7 @@ class BayesianMetaOptimizer:
         self.share_static_in_batch = share_static_in_batch
         self.heartbeat_interval_s = heartbeat_interval_s
         self.stale_after_s = stale_after_s
+        self.claim_grace_s = claim_grace_s
         self.poll_interval_s = poll_interval_s
         self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex[:12]}
         self.sampler = ReseededTPESampler(
@@ -307,11 +311,13 @@ class BayesianMetaOptimizer:
         owner = t.user_attrs.get("usp_worker")
         if owner == self.worker:
             return False
-        if isinstance(owner, dict) and owner.get("host") == self.worker["host"] and not pid_alive(int(owner["pid"])):
+        started = t.datetime_start.timestamp() if t.datetime_start else now
+        if not isinstance(owner, dict):
+            return now - started > self.claim_grace_s
+        if owner.get("host") == self.worker["host"] and not pid_alive(int(owner["pid"])):
             return True
         beat = t.user_attrs.get("usp_heartbeat")
-        last = float(beat) if beat is not None else (t.datetime_start.timestamp() if t.datetime_start else now)
-        return now - last > self.stale_after_s
+        return now - (float(beat) if beat is not None else started) > self.stale_after_s
 
     def _trial_id(self, number: int) -> int:
         """The storage's id of trial ``number`` of this study (through the storage's public interface)."""

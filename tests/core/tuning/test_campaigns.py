@@ -255,8 +255,8 @@ def test_killed_campaign_restarts_and_completes_exactly_the_budget(tmp_path):
     trials = optuna.load_study(study_name=study_name_for("workers", "fast"), storage=storage).trials
     assert any(t.state == TrialState.RUNNING for t in trials) and len(trials) < n
     restart = _spawn(url, n)
-    # a kill inside the journal's append leaves its lock file, which Optuna forcibly releases after a 30 s grace
-    # period; with that wait and the suite's other worker busy, a full `make test` once ran past 120 s here
+    # a kill inside the journal's append leaves its lock file, which Optuna forcibly releases after ~20 s; a kill
+    # between `ask` and the owner attribute leaves an ownerless trial, re-queued after the 60 s claim grace
     out, err = restart.communicate(timeout=300)
     assert restart.returncode == 0, err.decode()[-2000:]
     study = _assert_exact_budget(url, n)
@@ -321,11 +321,27 @@ def test_budget_is_a_total_and_requeues_dead_workers_trials(tmp_path):
     assert opt.n_finished() == 4
     # a trial left RUNNING by a dead process
     ghost = opt.study.ask()
-    opt.study._storage.set_trial_user_attr(ghost._trial_id, "usp_worker", {"host": opt.worker["host"], "pid": 2**22 + 7})
+    opt.storage.set_trial_user_attr(opt._trial_id(ghost.number), "usp_worker",
+                                    {"host": opt.worker["host"], "pid": 2**22 + 7})
     opt.optimize(10)
     study = opt.study
     assert sorted(t.number for t in study.trials if t.state.is_finished()) == list(range(10))
     assert study.trials[ghost.number].state == TrialState.COMPLETE
+
+
+def test_a_trial_asked_but_never_claimed_is_requeued_after_the_claim_grace(tmp_path):
+    url = f"journal:///{tmp_path / 'j.log'}"
+    # a worker killed between ``ask`` and writing its owner attribute leaves an ownerless RUNNING trial
+    orphan = BayesianMetaOptimizer(fake_evaluator, {"n_trials": 6, "batch_size": 2}, storage=url).study.ask()
+    patient = BayesianMetaOptimizer(fake_evaluator, {"n_trials": 6, "batch_size": 2}, storage=url)
+    assert patient.requeue_stale_trials() == []  # within the grace a live worker may still be claiming it
+    opt = BayesianMetaOptimizer(fake_evaluator, {"n_trials": 6, "batch_size": 2}, storage=url, claim_grace_s=0.0,
+                                poll_interval_s=0.01)
+    opt.optimize()
+    trials = sorted(opt.study.trials, key=lambda t: t.number)
+    assert [t.number for t in trials if t.state.is_finished()] == list(range(6))
+    assert trials[orphan.number].state == TrialState.COMPLETE
+    assert trials[orphan.number].user_attrs["usp_worker"] == opt.worker
 
 
 def test_run_campaign_resumes_a_total_budget(tmp_path, capsys):
