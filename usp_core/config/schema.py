@@ -235,6 +235,8 @@ FIELDS: tuple[Field, ...] = (
     _i("kernels", "kernel_c_max_events", 4, 1, 64, "Maximum jumps per path and observation interval.", static=True),
     _f("kernels", "kernel_c_prior_strength", 8.0, 0.0, 1000.0,
        "Pseudo-increments of the prior diffusion in Kernel C's conjugate blend with the estimated diffusion."),
+    _f("kernels", "kernel_c_drift_memory", 500.0, 10.0, 1e6,
+       "Span of Kernel C's whole-history AR(1) moments (the mean over all pairs, then an EMA of this span), pooled with the window's drift slope."),
     _i("kernels", "log_sig_depth", 3, 2, 5, "Log-signature truncation depth of Kernel D.", static=True,
        tier="fast", search_low=2, search_high=5),
     _f("kernels", "kernel_d_forgetting", 0.995, 0.9, 1.0, "Forgetting factor of Kernel D's recursive least squares."),

@@ -7,6 +7,9 @@ Model, on the z-scored window z (observation interval = 1 time unit of the estim
   estimator), i.e. an AR(1) map z' = z + a + b z with phi = 1 + b clipped to [0, 1). It is converted to the
   Ornstein–Uhlenbeck drift mu(x) = g a - kappa x with kappa = -log phi (capped at ``_MAX_RATE``) and
   g = kappa / (1 - phi), so that integrating mu over one interval reproduces the fitted one-step map.
+  The window's slope is pooled by precision with the slope of the whole history (the carry: running moments of
+  the (value, increment) pairs, an EMA of span ``kernel_c_drift_memory`` once that many were seen), then shrunk
+  toward the random walk (positive-part James-Stein on its sampling variance).
 - Diffusion: state dependent, sigma^2(x) = c0 + c2 x^2, by least squares of all squared residuals on
   [1, x^2] (jumps seen in the window widen it rather than being trusted to the generic jump prior: this is
   what keeps the intervals calibrated on jump processes), blended with the prior as a conjugate
@@ -43,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from usp_core.kernels.contract import ForecastKernel, KernelResult, to_data_units, zscore
+from usp_core.kernels.contract import ForecastKernel, KernelResult, tiny_floor, to_data_units, zscore
 from usp_core.kernels.sorting import median
 from usp_core.kernels.stable import stable_sample
 
@@ -82,9 +85,53 @@ def _weighted_lstsq(design: Float[Array, "m k"], target: Float[Array, " m"], wei
     return jnp.linalg.solve(gram, design.T @ (weights * target)), gram
 
 
+class DriftMemory(NamedTuple):
+    """Running moments of the (value, next increment) pairs of the whole history: their mean over all pairs,
+    then an EMA of span ``kernel_c_drift_memory`` (as the long-mean anchor's). In data units; only the slope, a
+    ratio, is read, so the kernel stays scale and shift equivariant."""
+
+    mean_x: Float[Array, ""]
+    mean_d: Float[Array, ""]
+    cov_xx: Float[Array, ""]
+    cov_xd: Float[Array, ""]
+    cov_dd: Float[Array, ""]
+    weight_sq: Float[Array, ""]
+    """Sum of the squared normalised weights: 1 / effective number of pairs."""
+    count: Float[Array, ""]
+
+
+def drift_memory_update(memory: DriftMemory, x: Float[Array, ""], d: Float[Array, ""],
+                        span: Float[Array, ""]) -> DriftMemory:
+    """One pair in: weighted Welford updates (the new pair's weight fraction is max(1/count, 1/span))."""
+    count = memory.count + 1.0
+    rate = jnp.maximum(1.0 / count, 1.0 / span)
+    dx, dd = x - memory.mean_x, d - memory.mean_d
+    keep = 1.0 - rate
+    return DriftMemory(memory.mean_x + rate * dx, memory.mean_d + rate * dd, keep * (memory.cov_xx + rate * dx * dx),
+                       keep * (memory.cov_xd + rate * dx * dd), keep * (memory.cov_dd + rate * dd * dd),
+                       keep**2 * memory.weight_sq + rate**2, count)
+
+
+def drift_memory_slope(memory: DriftMemory) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """(least-squares slope of the increment on the value, its sampling variance) over the memory; variance inf
+    until the memory holds a few pairs of a non-constant series."""
+    n_eff = 1.0 / jnp.maximum(memory.weight_sq, tiny_floor(memory.weight_sq.dtype))
+    usable = (memory.cov_xx > 0) & (n_eff > 3.0)
+    cov_xx = jnp.where(usable, memory.cov_xx, 1.0)
+    slope = memory.cov_xd / cov_xx
+    resid_var = jnp.maximum(memory.cov_dd - slope * memory.cov_xd, 0.0)
+    return jnp.where(usable, slope, 0.0), jnp.where(usable, resid_var / ((n_eff - 2.0) * cov_xx), jnp.inf)
+
+
+def _shrink_toward(estimate, variance, target):
+    """Positive-part James-Stein shrinkage of ``estimate`` (sampling ``variance``) toward ``target``."""
+    gap = estimate - target
+    return target + gap * jnp.maximum(1.0 - _DRIFT_SHRINKAGE * variance / jnp.maximum(gap**2, tiny_floor(gap.dtype)), 0.0)
+
+
 def estimate_coefficients(
     z: Float[Array, " n"], prior_sigma: Float[Array, ""], prior_strength: Float[Array, ""],
-    interval: Float[Array, ""],
+    interval: Float[Array, ""], memory_slope: tuple[Float[Array, ""], Float[Array, ""]] | None = None,
 ) -> SDECoefficients:
     """Robust OU drift and quadratic diffusion from a z-scored window (see the module docstring);
     ``interval`` = T, the observation interval in model time (it scales the prior diffusion rate)."""
@@ -102,7 +149,16 @@ def estimate_coefficients(
     # noise alone made Kernel C worse than the last value on random walks and weak OU processes.
     resid_var = jnp.sum(kept * (dz - a1 - b1 * x) ** 2) / jnp.maximum(n_kept - 2.0, 1.0)
     slope_var = resid_var * jnp.linalg.inv(gram)[1, 1]
-    b1 = b1 * jnp.maximum(1.0 - _DRIFT_SHRINKAGE * slope_var / jnp.maximum(b1**2, 1e-300), 0.0)
+    if memory_slope is not None:
+        # the window's slope pooled with the whole history's by precision (the window is part of that history, so
+        # the pooled variance is optimistic; the shrinkage below still acts on it): an OU process with theta = 0.1
+        # needs ~500 pairs for a slope the shrinkage keeps, 64 gave the last value's MSE
+        tiny = tiny_floor(z.dtype)
+        window_precision = 1.0 / jnp.maximum(slope_var, tiny)
+        memory_precision = 1.0 / jnp.maximum(memory_slope[1], tiny)
+        slope_var = 1.0 / (window_precision + memory_precision)
+        b1 = (b1 * window_precision + memory_slope[0] * memory_precision) * slope_var
+    b1 = _shrink_toward(b1, slope_var, 0.0)
     phi = jnp.clip(1.0 + b1, 0.0, _PHI_MAX)
     slope = phi - 1.0
     intercept = jnp.sum(kept * (dz - slope * x)) / n_kept
@@ -252,16 +308,22 @@ def jump_increments(
     return jnp.zeros((num_steps, num_paths), dtype).at[step_index, path_index].add(sizes)
 
 
-def init_carry(past, static, params, key):
-    return jnp.zeros((), past.dtype)
+def init_carry(past, static, params, key) -> DriftMemory:
+    zero = jnp.zeros((), past.dtype)
+    empty = DriftMemory(zero, zero, zero, zero, zero, zero, zero)
+    span = params["kernel_c_drift_memory"]
+    return jax.lax.fori_loop(0, past.shape[0] - 1,
+                             lambda i, m: drift_memory_update(m, past[i], past[i + 1] - past[i], span), empty)
 
 
 def forecast(window, carry, key, static, params) -> KernelResult:
     eps = params["numerical_epsilon"]
+    carry = drift_memory_update(carry, window[-2], window[-1] - window[-2], params["kernel_c_drift_memory"])
     z, loc, scale = zscore(window, eps)
     num_steps, num_paths = static.sde_numel_integrations, static.kernel_c_num_paths
     interval = num_steps * params["sde_dt"]
-    coef = estimate_coefficients(z, params["sde_diffusion_sigma"], params["kernel_c_prior_strength"], interval)
+    coef = estimate_coefficients(z, params["sde_diffusion_sigma"], params["kernel_c_prior_strength"], interval,
+                                 drift_memory_slope(carry))
     stiffness = stiffness_metric(coef.drift, coef.diffusion, z, interval)
     weight, regime = stiffness_regime(stiffness, params["stiffness_theta_low"], params["stiffness_theta_high"])
 

@@ -2,10 +2,11 @@
 forecast and 95 % coverage of each kernel's own interval, from one default-config run of 8 series per process.
 
 Measured with the default config (seeds below): on random walks and GBM (mu = 5e-4, sigma = 1e-2, level 100)
-ridge 1.015 / 1.017, DGM 1.067 / 1.062, SDE 1.032 / 1.030, signature 1.026 / 1.024 times the naive MSE; on an
-OU process (theta = 0.1, sigma = 0.3) the SDE kernel 0.995 to 1.000 (seed dependent; the optimum is 0.95).
-The regression bounds below sit just above those
-figures; the SPEC's acceptance (no kernel worse than naive on a random walk) is the strict xfail."""
+ridge 1.006 / 1.005, DGM 1.058 / 1.056, SDE 1.017 / 1.012, signature 1.027 / 1.022 times the naive MSE; on an
+OU process (theta = 0.1, sigma = 0.3) the SDE kernel 0.970 (the known-parameter AR(1) forecast: 0.952), since
+its drift slope pools the window's with the whole history's (it was 1.000 from the 64-point window alone).
+The regression bounds below sit just above those figures; the SPEC's acceptance (no kernel worse than naive on a
+random walk) is the strict xfail."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def processes() -> dict[str, dict[str, tuple[float, float]]]:
     return {"random walk": _scores(walk), "gbm": _scores(gbm), "ou": _scores(ou)}
 
 
-REGRESSION_BOUND = {"ridge": 1.03, "dgm": 1.09, "sde": 1.05, "signature": 1.04}
+REGRESSION_BOUND = {"ridge": 1.03, "dgm": 1.09, "sde": 1.03, "signature": 1.04}
 
 
 @pytest.mark.slow
@@ -55,21 +56,13 @@ def test_kernels_stay_close_to_naive_on_unit_root_series(processes, process):
 
 
 @pytest.mark.slow
-def test_sde_kernel_matches_naive_on_a_weakly_mean_reverting_ou(processes):
-    ratio, coverage = processes["ou"]["sde"]
-    assert ratio <= 1.01 and abs(coverage - 0.95) <= 0.03, (ratio, coverage)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="SPEC §3.4 acceptance not met: Kernel C only matches the last value on OU "
-                   "theta = 0.1 (the known-parameter AR(1) forecast reaches 0.95 x naive MSE); its drift is fitted "
-                   "on the 64-point window")
 def test_sde_kernel_beats_naive_on_a_weakly_mean_reverting_ou(processes):
-    assert processes["ou"]["sde"][0] <= 0.98
+    ratio, coverage = processes["ou"]["sde"]
+    assert ratio <= 0.98 and abs(coverage - 0.95) <= 0.03, (ratio, coverage)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="SPEC §3.4 acceptance not met: on a random walk every kernel's MSE is "
-                   "1.5-7 % above the last value's (window estimates of n = 64 points); see the module docstring")
+                   "0.6-6 % above the last value's (window estimates of n = 64 points); see the module docstring")
 def test_no_kernel_is_worse_than_naive_on_a_random_walk(processes):
     assert all(ratio <= 1.0 for ratio, _ in processes["random walk"].values())

@@ -30,6 +30,11 @@ def _ou_window(n, seed, phi=0.6):
 _forecast = jax.jit(sde.forecast, static_argnums=3)
 
 
+def _carry(window, static, params):
+    """The carry of a history that is the window itself (as the engine's init gives it)."""
+    return sde.init_carry(window[:-1], static, params, None)
+
+
 def test_euler_maruyama_strong_order_on_gbm():
     mu, sigma, x0, paths, finest = 2.0, 1.0, 1.0, 4000, 2**9
     increments = jax.random.normal(jax.random.key(0), (finest, paths)) * jnp.sqrt(1.0 / finest)
@@ -86,10 +91,11 @@ def test_stiffness_regime_switches_with_state_dependent_diffusion():
 
 def test_kernel_reports_explicit_for_persistent_and_implicit_for_anti_persistent_windows():
     static, params = _setup()
-    smooth = _forecast(_ou_window(64, 0, phi=0.9), jnp.zeros(()), jax.random.key(0), static, params)
+    persistent = _ou_window(64, 0, phi=0.9)
+    smooth = _forecast(persistent, _carry(persistent, static, params), jax.random.key(0), static, params)
     rng = np.random.default_rng(1)
     alternating = jnp.asarray((-1.0) ** np.arange(64) + 0.1 * rng.normal(size=64))
-    rough = _forecast(alternating, jnp.zeros(()), jax.random.key(0), static, params)
+    rough = _forecast(alternating, _carry(alternating, static, params), jax.random.key(0), static, params)
     assert float(smooth.metadata["stiffness_regime"]) == 0.0
     assert float(rough.metadata["stiffness_regime"]) == 2.0
     assert np.isfinite(float(rough.prediction)) and float(rough.sigma) > 0
@@ -97,9 +103,10 @@ def test_kernel_reports_explicit_for_persistent_and_implicit_for_anti_persistent
     assert abs(float(rough.prediction) - float(jnp.mean(alternating))) < 0.3
     # a smaller model-time step makes the same dynamics faster in model time: blended regime
     fast_static, fast_params = _setup({"kernels.sde_dt": 1e-4})
-    fast = _forecast(_ou_window(64, 0, phi=0.3), jnp.zeros(()), jax.random.key(0), fast_static, fast_params)
+    quick = _ou_window(64, 0, phi=0.3)
+    fast = _forecast(quick, _carry(quick, fast_static, fast_params), jax.random.key(0), fast_static, fast_params)
     assert float(fast.metadata["stiffness"]) > float(
-        _forecast(_ou_window(64, 0, phi=0.3), jnp.zeros(()), jax.random.key(0), static, params).metadata["stiffness"])
+        _forecast(quick, _carry(quick, static, params), jax.random.key(0), static, params).metadata["stiffness"])
 
 
 @pytest.mark.slow
@@ -109,7 +116,8 @@ def test_outputs_finite_for_constant_and_extreme_windows():
                          jnp.arange(64.0) * 1e6, _ou_window(64, 3) * 1e-9, jnp.where(jnp.arange(64) == 40, 50.0, 0.0)])
     run = jax.vmap(sde.forecast, in_axes=(0, 0, 0, None, None))
     keys = jax.random.split(jax.random.key(0), windows.shape[0])
-    result = jax.jit(run, static_argnums=3)(windows, jnp.zeros(windows.shape[0]), keys, static, params)
+    carries = jax.vmap(lambda w: _carry(w, static, params))(windows)
+    result = jax.jit(run, static_argnums=3)(windows, carries, keys, static, params)
     assert np.all(np.isfinite(np.asarray(result.prediction)))
     assert np.all(np.isfinite(np.asarray(result.sigma))) and np.all(np.asarray(result.sigma) > 0)
     np.testing.assert_allclose(np.asarray(result.prediction[:3]), [3.0, 0.0, -1e8], rtol=1e-9, atol=1e-9)
@@ -118,13 +126,13 @@ def test_outputs_finite_for_constant_and_extreme_windows():
 def test_scale_shift_equivariance_and_determinism():
     static, params = _setup()
     window, key = _ou_window(64, 4), jax.random.key(5)
-    base = _forecast(window, jnp.zeros(()), key, static, params)
-    moved = _forecast(3.7 * window - 12.0, jnp.zeros(()), key, static, params)
+    base = _forecast(window, _carry(window, static, params), key, static, params)
+    moved = _forecast(3.7 * window - 12.0, _carry(3.7 * window - 12.0, static, params), key, static, params)
     np.testing.assert_allclose(float(moved.prediction), 3.7 * float(base.prediction) - 12.0, rtol=1e-6)
     np.testing.assert_allclose(float(moved.sigma), 3.7 * float(base.sigma), rtol=1e-6)
-    again = _forecast(window, jnp.zeros(()), key, static, params)
+    again = _forecast(window, _carry(window, static, params), key, static, params)
     assert float(again.prediction) == float(base.prediction)
-    other = _forecast(window, jnp.zeros(()), jax.random.key(6), static, params)
+    other = _forecast(window, _carry(window, static, params), jax.random.key(6), static, params)
     assert float(other.prediction) != float(base.prediction)
     assert set(base.metadata) == set(sde.METADATA_KEYS)
 
@@ -133,6 +141,7 @@ def test_scale_shift_equivariance_and_determinism():
     ("kernels.sde_dt", 0.03, {}),
     ("kernels.sde_diffusion_sigma", 1.0, {}),
     ("kernels.kernel_c_prior_strength", 40.0, {}),
+    ("kernels.kernel_c_drift_memory", 20.0, {}),
     ("kernels.kernel_c_alpha", 1.5, {}),
     ("kernels.kernel_c_beta", 0.7, {"kernels.kernel_c_alpha": 1.5}),
     ("kernels.kernel_c_jump_intensity", 1.0, {}),
@@ -147,9 +156,35 @@ def test_every_field_changes_the_output(field, value, base):
     window, key = _ou_window(64, 7), jax.random.key(8)
     static, params = _setup(base)
     new_static, new_params = _setup({**base, field: value})
-    before = _forecast(window, jnp.zeros(()), key, static, params)
-    after = _forecast(window, jnp.zeros(()), key, new_static, new_params)
+    before = _forecast(window, _carry(window, static, params), key, static, params)
+    after = _forecast(window, _carry(window, new_static, new_params), key, new_static, new_params)
     assert (float(before.prediction), float(before.sigma)) != (float(after.prediction), float(after.sigma))
+
+
+def test_drift_memory_is_the_weighted_least_squares_slope_of_the_history():
+    """The running moments equal a weighted regression of the increments on the values with the weights of
+    'the mean of all pairs, then an EMA of span s' (each pair 1/s, decayed by 1 - 1/s per later pair once s were
+    seen), and the slope's variance is the residual variance over (n_eff - 2) times the weighted variance of x."""
+    span, length = 100.0, 400
+    x = np.cumsum(np.random.default_rng(3).normal(size=length + 1)) * 0.3 + 0.02 * np.arange(length + 1)
+    values, increments = x[:-1], np.diff(x)
+    zero = jnp.zeros(())
+    memory = sde.DriftMemory(*([zero] * 7))
+    update = jax.jit(sde.drift_memory_update)
+    for value, increment in zip(values, increments, strict=True):
+        memory = update(memory, value, increment, span)
+    k = np.arange(1, length + 1)
+    weights = (1 / span) * (1 - 1 / span) ** (length - np.maximum(k, span))
+    assert abs(weights.sum() - 1) < 1e-12
+    mx, md = weights @ values, weights @ increments
+    cxx, cxd, cdd = weights @ (values - mx) ** 2, weights @ ((values - mx) * (increments - md)), weights @ (increments - md) ** 2
+    n_eff = 1 / np.sum(weights**2)
+    slope, variance = sde.drift_memory_slope(memory)
+    np.testing.assert_allclose(float(slope), cxd / cxx, rtol=1e-10)
+    np.testing.assert_allclose(float(variance), (cdd - cxd**2 / cxx) / ((n_eff - 2) * cxx), rtol=1e-10)
+    # a constant history has no slope to offer: infinite variance, so the window's fit stands alone
+    flat = sde.init_carry(jnp.full(50, 2.0), None, {"kernel_c_drift_memory": jnp.asarray(span)}, None)
+    assert np.isinf(float(sde.drift_memory_slope(flat)[1]))
 
 
 def _causal_run(series, keys, static, params):
