@@ -69,3 +69,11 @@ def tiny_floor(dtype) -> float:
 
 
 KeyArray = PRNGKeyArray
+
+
+def shrink_toward(estimate: Float[Array, "*s"], variance: Float[Array, "*s"], target, strength: float = 2.0) -> Float[Array, "*s"]:
+    """Positive-part James-Stein shrinkage of ``estimate`` (sampling ``variance``) toward ``target``: the gap is
+    scaled by max(0, 1 - strength / t^2), t = gap / sqrt(variance), so a gap within its noise goes to the target."""
+    gap = estimate - target
+    return target + gap * jnp.maximum(1.0 - strength * variance / jnp.maximum(gap**2, tiny_floor(gap.dtype)), 0.0)
+

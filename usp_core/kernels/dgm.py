@@ -1,7 +1,8 @@
 """Kernel B: Deep Galerkin solver of the backward Kolmogorov equation (SPEC §3.4 B).
 
 On the z-scored window, local drift mu(x) and diffusion sigma^2(x) are Nadaraya-Watson regressions of the
-increments dx_t on x_t. A small MLP V(t, x) is trained online (warm-started Adam, parameters carried in the
+increments dx_t on x_t; mu(x) is shrunk toward 0 by its sampling variance sigma^2(x) / n_eff(x) (positive-part
+James-Stein), so a drift within its noise (a random walk) leaves the forecast at the last value. A small MLP V(t, x) is trained online (warm-started Adam, parameters carried in the
 state) on V_t + mu V_x + 1/2 sigma^2 V_xx = 0 on [0, T] with V(T, x) = x, T = one observation interval, so
 that V(0, x_t) = E[x_{t+1} | x_t] is the forecast. sigma_B is the local diffusion over the horizon plus the
 sampling variance of the drift estimate.
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from usp_core.kernels.contract import ForecastKernel, KernelResult, to_data_units, zscore
+from usp_core.kernels.contract import ForecastKernel, KernelResult, shrink_toward, to_data_units, zscore
 
 METADATA_KEYS: tuple[str, ...] = ("dgm_entropy", "dgm_entropy_ratio", "pde_residual", "mode_collapse")
 
@@ -239,7 +240,11 @@ def local_coefficients(z: Float[Array, " n"], bandwidth: Float[Array, ""]) -> Ca
         w = _nadaraya_watson_weights(x_obs, x_query, bandwidth)
         sum_w = jnp.sum(w, axis=1)
         moments = w @ jnp.stack([dx_obs, squared_residuals], axis=1) / sum_w[:, None]
-        return moments[:, 0], moments[:, 1], sum_w**2 / jnp.sum(w**2, axis=1)
+        n_eff = sum_w**2 / jnp.sum(w**2, axis=1)
+        # a local mean of ~n_eff increments has sampling variance sigma^2 / n_eff: shrunk toward no drift, it stops
+        # adding that variance to the forecast of a random walk
+        drift = shrink_toward(moments[:, 0], moments[:, 1] / n_eff, 0.0)
+        return drift, moments[:, 1], n_eff
 
     return coefficients
 

@@ -237,3 +237,22 @@ def test_beats_naive_and_is_calibrated_on_ou():
     coverage = np.mean(np.abs(prediction - target) <= 1.959964 * sigma)
     assert mse_ratio < 0.9, mse_ratio
     assert 0.92 <= coverage <= 0.98, coverage
+
+
+def test_local_drift_is_shrunk_by_its_sampling_noise():
+    """mu(x) is the Nadaraya-Watson mean increment times max(0, 1 - 2 / t^2), t = mu / sqrt(sigma^2(x) / n_eff(x)):
+    a noise-sized local drift (a random walk) goes to 0, a trend's stays."""
+    rng = np.random.default_rng(5)
+    bandwidth = jnp.asarray(0.4)
+    query = jnp.linspace(-1.5, 1.5, 7)
+    walk = jnp.asarray(np.cumsum(rng.normal(size=64)))
+    walk = (walk - walk.mean()) / walk.std()
+    drift, diffusion_sq, n_eff = dgm.local_coefficients(walk, bandwidth)(query)
+    raw = dgm.nadaraya_watson(walk[:-1], jnp.diff(walk), query, bandwidth)
+    t_sq = raw**2 * n_eff / diffusion_sq
+    np.testing.assert_allclose(np.asarray(drift), np.asarray(raw * jnp.maximum(1 - 2 / t_sq, 0)), rtol=1e-10, atol=1e-15)
+    assert np.any(np.asarray(t_sq) < 2) and np.all(np.asarray(drift)[np.asarray(t_sq) < 2] == 0)
+    trend = jnp.linspace(-1.7, 1.7, 64) + 0.02 * jnp.asarray(rng.normal(size=64))
+    drift, _, _ = dgm.local_coefficients(trend, bandwidth)(jnp.asarray([0.0]))
+    raw = dgm.nadaraya_watson(trend[:-1], jnp.diff(trend), jnp.asarray([0.0]), bandwidth)
+    assert 0.95 * float(raw[0]) < float(drift[0]) <= float(raw[0])
