@@ -57,9 +57,11 @@ def test_continuation_steps_from_the_stored_state(tmp_path, small_cfg):
     assert r.predictions_written == 5 and r.new_series == 0
     preds = store.table("predictions").sort_values("ts")
 
-    # the same numbers as one uninterrupted online run
+    # the same numbers as one uninterrupted online run, to the float32 DGM's rounding: the stored-state run is the
+    # batched program, the online run the single-series one, and the DGM's float32 sums follow the batch shape
+    # (usp_core/kernels/dgm.py; 2.6e-8 relative here). A state lost or restored wrongly moves them by the data's noise.
     expected, state = online_predictions(small_cfg, full)
-    np.testing.assert_allclose(preds["prediction"].to_numpy(), expected, rtol=1e-9)
+    np.testing.assert_allclose(preds["prediction"].to_numpy(), expected, rtol=1e-7)
     stored = store.load_states(small_cfg.version, ["a"])["a"]
     restored = decode_state(stored.state, stored.state_sha256, state)
     np.testing.assert_array_equal(np.asarray(restored.window), np.asarray(state.window))
