@@ -54,6 +54,7 @@ from usp_core.kernels.contract import (
     to_data_units,
     zscore,
 )
+from usp_core.kernels.moments import PairMoments, empty_moments, regression_slope, update_moments
 from usp_core.kernels.sorting import median
 from usp_core.kernels.stable import stable_sample
 
@@ -90,44 +91,6 @@ class SDECoefficients(NamedTuple):
 def _weighted_lstsq(design: Float[Array, "m k"], target: Float[Array, " m"], weights: Float[Array, " m"]):
     gram = design.T @ (weights[:, None] * design) + 1e-10 * jnp.eye(design.shape[1], dtype=design.dtype)
     return jnp.linalg.solve(gram, design.T @ (weights * target)), gram
-
-
-class DriftMemory(NamedTuple):
-    """Running moments of the (value, next increment) pairs of the whole history: their mean over all pairs,
-    then an EMA of span ``kernel_c_drift_memory`` (as the long-mean anchor's). In data units; only the slope, a
-    ratio, is read, so the kernel stays scale and shift equivariant."""
-
-    mean_x: Float[Array, ""]
-    mean_d: Float[Array, ""]
-    cov_xx: Float[Array, ""]
-    cov_xd: Float[Array, ""]
-    cov_dd: Float[Array, ""]
-    weight_sq: Float[Array, ""]
-    """Sum of the squared normalised weights: 1 / effective number of pairs."""
-    count: Float[Array, ""]
-
-
-def drift_memory_update(memory: DriftMemory, x: Float[Array, ""], d: Float[Array, ""],
-                        span: Float[Array, ""]) -> DriftMemory:
-    """One pair in: weighted Welford updates (the new pair's weight fraction is max(1/count, 1/span))."""
-    count = memory.count + 1.0
-    rate = jnp.maximum(1.0 / count, 1.0 / span)
-    dx, dd = x - memory.mean_x, d - memory.mean_d
-    keep = 1.0 - rate
-    return DriftMemory(memory.mean_x + rate * dx, memory.mean_d + rate * dd, keep * (memory.cov_xx + rate * dx * dx),
-                       keep * (memory.cov_xd + rate * dx * dd), keep * (memory.cov_dd + rate * dd * dd),
-                       keep**2 * memory.weight_sq + rate**2, count)
-
-
-def drift_memory_slope(memory: DriftMemory) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """(least-squares slope of the increment on the value, its sampling variance) over the memory; variance inf
-    until the memory holds a few pairs of a non-constant series."""
-    n_eff = 1.0 / jnp.maximum(memory.weight_sq, tiny_floor(memory.weight_sq.dtype))
-    usable = (memory.cov_xx > 0) & (n_eff > 3.0)
-    cov_xx = jnp.where(usable, memory.cov_xx, 1.0)
-    slope = memory.cov_xd / cov_xx
-    resid_var = jnp.maximum(memory.cov_dd - slope * memory.cov_xd, 0.0)
-    return jnp.where(usable, slope, 0.0), jnp.where(usable, resid_var / ((n_eff - 2.0) * cov_xx), jnp.inf)
 
 
 def estimate_coefficients(
@@ -312,22 +275,23 @@ def jump_increments(
     return jnp.zeros((num_steps, num_paths), dtype).at[step_index, path_index].add(sizes)
 
 
-def init_carry(past, static, params, key) -> DriftMemory:
-    zero = jnp.zeros((), past.dtype)
-    empty = DriftMemory(zero, zero, zero, zero, zero, zero, zero)
+def init_carry(past, static, params, key) -> PairMoments:
+    """The drift memory: running moments of the history's (value, next increment) pairs, in data units (only the
+    slope, a ratio, is read, so the kernel stays scale and shift equivariant)."""
     span = params["kernel_c_drift_memory"]
     return jax.lax.fori_loop(0, past.shape[0] - 1,
-                             lambda i, m: drift_memory_update(m, past[i], past[i + 1] - past[i], span), empty)
+                             lambda i, m: update_moments(m, past[i], past[i + 1] - past[i], span),
+                             empty_moments((), past.dtype))
 
 
 def forecast(window, carry, key, static, params) -> KernelResult:
     eps = params["numerical_epsilon"]
-    carry = drift_memory_update(carry, window[-2], window[-1] - window[-2], params["kernel_c_drift_memory"])
+    carry = update_moments(carry, window[-2], window[-1] - window[-2], params["kernel_c_drift_memory"])
     z, loc, scale = zscore(window, eps)
     num_steps, num_paths = static.sde_numel_integrations, static.kernel_c_num_paths
     interval = num_steps * params["sde_dt"]
     coef = estimate_coefficients(z, params["sde_diffusion_sigma"], params["kernel_c_prior_strength"], interval,
-                                 drift_memory_slope(carry))
+                                 regression_slope(carry))
     stiffness = stiffness_metric(coef.drift, coef.diffusion, z, interval)
     weight, regime = stiffness_regime(stiffness, params["stiffness_theta_low"], params["stiffness_theta_high"])
 

@@ -8,6 +8,7 @@ import pytest
 import usp_core  # noqa: F401  (enables float64)
 from usp_core.config.loader import PredictorConfig
 from usp_core.kernels import sde
+from usp_core.kernels.moments import regression_slope
 
 THETAS = {"stiffness_theta_low": jnp.asarray(100.0), "stiffness_theta_high": jnp.asarray(1000.0)}
 
@@ -161,30 +162,10 @@ def test_every_field_changes_the_output(field, value, base):
     assert (float(before.prediction), float(before.sigma)) != (float(after.prediction), float(after.sigma))
 
 
-def test_drift_memory_is_the_weighted_least_squares_slope_of_the_history():
-    """The running moments equal a weighted regression of the increments on the values with the weights of
-    'the mean of all pairs, then an EMA of span s' (each pair 1/s, decayed by 1 - 1/s per later pair once s were
-    seen), and the slope's variance is the residual variance over (n_eff - 2) times the weighted variance of x."""
-    span, length = 100.0, 400
-    x = np.cumsum(np.random.default_rng(3).normal(size=length + 1)) * 0.3 + 0.02 * np.arange(length + 1)
-    values, increments = x[:-1], np.diff(x)
-    zero = jnp.zeros(())
-    memory = sde.DriftMemory(*([zero] * 7))
-    update = jax.jit(sde.drift_memory_update)
-    for value, increment in zip(values, increments, strict=True):
-        memory = update(memory, value, increment, span)
-    k = np.arange(1, length + 1)
-    weights = (1 / span) * (1 - 1 / span) ** (length - np.maximum(k, span))
-    assert abs(weights.sum() - 1) < 1e-12
-    mx, md = weights @ values, weights @ increments
-    cxx, cxd, cdd = weights @ (values - mx) ** 2, weights @ ((values - mx) * (increments - md)), weights @ (increments - md) ** 2
-    n_eff = 1 / np.sum(weights**2)
-    slope, variance = sde.drift_memory_slope(memory)
-    np.testing.assert_allclose(float(slope), cxd / cxx, rtol=1e-10)
-    np.testing.assert_allclose(float(variance), (cdd - cxd**2 / cxx) / ((n_eff - 2) * cxx), rtol=1e-10)
-    # a constant history has no slope to offer: infinite variance, so the window's fit stands alone
-    flat = sde.init_carry(jnp.full(50, 2.0), None, {"kernel_c_drift_memory": jnp.asarray(span)}, None)
-    assert np.isinf(float(sde.drift_memory_slope(flat)[1]))
+def test_a_constant_history_offers_the_window_no_slope():
+    """Infinite variance from the drift memory of a constant history, so the window's fit stands alone."""
+    flat = sde.init_carry(jnp.full(50, 2.0), None, {"kernel_c_drift_memory": jnp.asarray(100.0)}, None)
+    assert np.isinf(float(regression_slope(flat)[1]))
 
 
 def _causal_run(series, keys, static, params):
