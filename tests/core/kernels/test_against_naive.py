@@ -2,8 +2,9 @@
 forecast and 95 % coverage of each kernel's own interval, from one default-config run of 8 series per process.
 
 Measured with the default config (seeds below): on random walks and GBM (mu = 5e-4, sigma = 1e-2, level 100)
-ridge 1.006 / 1.005, DGM 1.008 / 1.010, SDE 1.008 / 1.002, signature 1.027 / 1.022 times the naive MSE (DGM 1.058 /
-1.056 before its local drift was shrunk by its sampling noise); on an OU process (theta = 0.1, sigma = 0.3) the SDE
+ridge 1.006 / 1.005, DGM 1.008 / 1.010, SDE 1.008 / 1.002, signature 1.013 / 1.008 times the naive MSE (DGM 1.058 /
+1.056 before its local drift was shrunk by its sampling noise, signature 1.027 / 1.022 before its readout's
+increment was); on an OU process (theta = 0.1, sigma = 0.3) the SDE
 kernel 0.963 (the known-parameter AR(1) forecast: 0.952), since its drift slope pools the window's with the whole
 history's (it was 1.000 from the 64-point window alone).
 The regression bounds below sit just above those figures; the SPEC's acceptance (no kernel worse than naive on a
@@ -45,7 +46,7 @@ def processes() -> dict[str, dict[str, tuple[float, float]]]:
     return {"random walk": _scores(walk), "gbm": _scores(gbm), "ou": _scores(ou)}
 
 
-REGRESSION_BOUND = {"ridge": 1.02, "dgm": 1.02, "sde": 1.02, "signature": 1.04}
+REGRESSION_BOUND = {"ridge": 1.02, "dgm": 1.02, "sde": 1.02, "signature": 1.02}
 
 
 @pytest.mark.slow
@@ -64,6 +65,6 @@ def test_sde_kernel_beats_naive_on_a_weakly_mean_reverting_ou(processes):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="SPEC §3.4 acceptance not met: on a random walk every kernel's MSE is "
-                   "0.6-3 % above the last value's (window estimates of n = 64 points); see the module docstring")
+                   "0.6-1.3 % above the last value's (window estimates of n = 64 points); see the module docstring")
 def test_no_kernel_is_worse_than_naive_on_a_random_walk(processes):
     assert all(ratio <= 1.0 for ratio, _ in processes["random walk"].values())
