@@ -76,4 +76,3 @@ def shrink_toward(estimate: Float[Array, "*s"], variance: Float[Array, "*s"], ta
     scaled by max(0, 1 - strength / t^2), t = gap / sqrt(variance), so a gap within its noise goes to the target."""
     gap = estimate - target
     return target + gap * jnp.maximum(1.0 - strength * variance / jnp.maximum(gap**2, tiny_floor(gap.dtype)), 0.0)
-

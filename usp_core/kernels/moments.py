@@ -1,6 +1,5 @@
 """Running moments of (x, y) pairs for online least-squares slopes: the mean over all pairs seen, then an EMA of a
-given span (the long-mean anchor's rate rule). Kernel C regresses each increment on the value before it. Leaves may
-carry any shape: the updates are elementwise, so one ``PairMoments`` serves several regressions side by side."""
+given span (the long-mean anchor's rate rule). Kernel C regresses each increment on the value before it."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ forecast and 95 % coverage of each kernel's own interval, from one default-confi
 Measured with the default config (seeds below): on random walks and GBM (mu = 5e-4, sigma = 1e-2, level 100)
 ridge 1.006 / 1.005, DGM 1.008 / 1.010, SDE 1.008 / 1.002, signature 1.013 / 1.008 times the naive MSE (DGM 1.058 /
 1.056 before its local drift was shrunk by its sampling noise, signature 1.027 / 1.022 before its readout's
-increment was); on an OU process (theta = 0.1, sigma = 0.3) the SDE
-kernel 0.963 (the known-parameter AR(1) forecast: 0.952), since its drift slope pools the window's with the whole
-history's (it was 1.000 from the 64-point window alone).
+increment was); on an OU process (theta = 0.1, sigma = 0.3) the SDE kernel 0.963 (the known-parameter AR(1)
+forecast: 0.952), since its drift slope pools the window's with the whole history's (it was 1.000 from the
+64-point window alone).
 The regression bounds below sit just above those figures; the SPEC's acceptance (no kernel worse than naive on a
 random walk) is the strict xfail."""
 
