@@ -79,7 +79,7 @@ def parts(cfg: PredictorConfig) -> dict:
     def kernel_pass(v, k):
         n = static.base_min_signal_length
         ts = jnp.arange(v.shape[0])
-        state = step_mod.kernel_init(v[:n], ts[n - 1], k, static, cfg.dynamic_params())
+        state = step_mod.init_state(v[:n], ts[n - 1], k, static, cfg.dynamic_params())[0].kernel
 
         def body(s, xs):
             return step_mod.kernel_step(s, *xs, static, cfg.dynamic_params())

@@ -134,6 +134,7 @@ class KernelTrack(NamedTuple):
     center: Float[Array, ""]  # mean and scale of the window before this observation
     scale: Float[Array, ""]
     increment_scale: Float[Array, ""]  # std of the window's increments (units of the fusion losses)
+    increment_variance: Float[Array, ""]  # variance of the increments of the window after this observation
     prev_predictions: Float[Array, " k"]  # expert forecasts of this observation
     prev_sigmas: Float[Array, " k"]
     prev_holder_exponent: Float[Array, ""]

@@ -148,40 +148,49 @@ def _entropy_metadata(meta, dtype):
     return entropy, collapsed
 
 
-def kernel_init(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, static, params) -> KernelState:
-    """Kernel state after ``history`` (m >= n values; the last observed at ``timestamp_ns``), holding the
-    kernels' forecasts of the next value."""
+def _branch(first, primed, stepped):
+    """``primed()`` where ``first``, else ``stepped()``. A Python bool picks at trace time (``init_state``); a traced
+    flag is a ``lax.cond`` (inside the run programs' scans it is the same for every series, so it stays a branch)."""
+    if isinstance(first, bool):
+        return primed() if first else stepped()
+    return jax.lax.cond(first, primed, stepped)
+
+
+def kernel_prime(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, static, params) -> KernelState:
+    """Kernel state ready for its first forecast: the carries trained on ``history[:-1]``, the window and analysis
+    buffer of ``history`` (m >= n values, the last observed at ``timestamp_ns``), clocks at -1. ``kernel_step(...,
+    first=True)`` then makes the kernels' first forecasts, so a run program compiles the forecast code once, in its
+    scan, instead of once for the initial state and once for the step."""
     params = kernel_side(params)
     n = static.base_min_signal_length
     dtype = history.dtype
     history = fill_missing(history)
     window = history[-n:]
-    key, init_key, forecast_key = jax.random.split(key, 3)
-    holder0 = jnp.asarray(0.5, dtype)
-    aug = _with_adaptive(params, holder0)
+    _, init_key, _ = jax.random.split(key, 3)  # the third key is the first forecast's (kernel_step)
+    aug = _with_adaptive(params, jnp.asarray(0.5, dtype))
     init_keys = jax.random.split(init_key, NUM_EXPERTS)
     carries = tuple(k.init_carry(history[:-1], static, aug, kk) for k, kk in zip(EXPERTS, init_keys, strict=True))
-    preds, sigmas, ok, meta, carries = _forecast_all(window, carries, forecast_key, static, aug)
-    entropy, collapsed = _entropy_metadata(meta, dtype)
     buffer, count = wtmm.initial_buffer(history, static)
-    zero_i = jnp.zeros((), jnp.int64)
+    zero_i, false = jnp.zeros((), jnp.int64), jnp.asarray(False)
     return KernelState(
-        window=window, kernel_carries=carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
+        window=window, kernel_carries=carries, kernel_predictions=jnp.zeros((NUM_EXPERTS,), dtype),
+        kernel_sigmas=jnp.ones((NUM_EXPERTS,), dtype), expert_ok=jnp.ones((NUM_EXPERTS,), bool),
         analysis_buffer=buffer, analysis_count=count,
-        holder_exponent=wtmm.holder_exponent(buffer, count, static, params), dgm_entropy=entropy,
-        mode_collapse=collapsed,
-        degraded=jnp.asarray(False), clean_streak=zero_i, frozen=jnp.asarray(False),
-        reference_variance=jnp.var(window), last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64),
-        cadence_ns=jnp.zeros((), dtype), consecutive_outliers=zero_i, steps=zero_i, clock=zero_i, key=key)
+        holder_exponent=jnp.asarray(0.5, dtype), dgm_entropy=jnp.zeros((), dtype),
+        mode_collapse=false, degraded=false, clean_streak=zero_i, frozen=false, reference_variance=jnp.var(window),
+        last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), cadence_ns=jnp.zeros((), dtype),
+        consecutive_outliers=zero_i, steps=zero_i - 1, clock=zero_i - 1, key=key)
 
 
-def fusion_init(kernel: KernelState, static, params) -> FusionState:
-    """Fusion state before any step: uniform weights over the experts' first forecasts."""
-    dtype = kernel.window.dtype
+def fusion_init(predictions: Float[Array, " k"], sigmas: Float[Array, " k"], increment_variance: Float[Array, ""],
+                window_scale: Float[Array, ""], dgm_entropy: Float[Array, ""], static, params) -> FusionState:
+    """Fusion state before any step: uniform weights over the experts' first forecasts, the volatility of the
+    window's increments."""
+    dtype = predictions.dtype
     weights = jnp.full((NUM_EXPERTS,), 1.0 / NUM_EXPERTS, dtype)
-    forecast, mixture_sigma = _mixture(weights, kernel.kernel_predictions, kernel.kernel_sigmas)
-    ema_variance = jnp.var(jnp.diff(kernel.window))
-    volatility = jnp.sqrt(ema_variance) / _window_scale(kernel.window, params)
+    forecast, mixture_sigma = _mixture(weights, predictions, sigmas)
+    ema_variance = increment_variance
+    volatility = jnp.sqrt(ema_variance) / window_scale
     zero_f = jnp.zeros((), dtype)
     zero_i = jnp.zeros((), jnp.int64)
     return FusionState(
@@ -198,29 +207,37 @@ def fusion_init(kernel: KernelState, static, params) -> FusionState:
         kurtosis=params["kurtosis_reference"].astype(dtype), volatility=volatility,
         epsilon=fusion.sinkhorn_epsilon(volatility, params["sinkhorn_epsilon_0"], params["sinkhorn_epsilon_min"],
                                         params["sinkhorn_alpha"]),
-        emergency=jnp.asarray(False), collapse_streak=zero_i, dgm_entropy_baseline=kernel.dgm_entropy,
+        emergency=jnp.asarray(False), collapse_streak=zero_i, dgm_entropy_baseline=dgm_entropy,
         telemetry=_zero_telemetry())
 
 
-def _initial_output(kernel: KernelState, fused: FusionState, params) -> StepOutput:
-    dtype = kernel.window.dtype
+def fusion_start(tr: KernelTrack, static, params) -> tuple[FusionState, StepOutput]:
+    """The fusion state after the priming step and the output of that moment: the forecast of the next value."""
+    fused = fusion_init(tr.predictions, tr.sigmas, tr.increment_variance, tr.scale, tr.dgm_entropy, static, params)
+    dtype = tr.value.dtype
     zero_f, false, nan = jnp.zeros((), dtype), jnp.asarray(False), jnp.full((), jnp.nan, dtype)
-    return _output(fused, params, predictions=kernel.kernel_predictions, sigmas=kernel.kernel_sigmas,
-                   expert_ok=kernel.expert_ok, weights=_mixture_weights(fused.weights, kernel.expert_ok),
-                   scale_weights=_mixture_weights(jnp.ones((NUM_EXPERTS + 1,), dtype), jnp.append(kernel.expert_ok, True)),
-                   selection_weights=_mixture_weights(jnp.ones((NUM_EXPERTS + 1,), dtype), jnp.append(True, kernel.expert_ok)),
-                   holder=kernel.holder_exponent, entropy=kernel.dgm_entropy, collapsed=kernel.mode_collapse,
-                   degraded=kernel.degraded,
-                   frozen=kernel.frozen, rejected=false, regime_change=false, outlier=false, stale=false, gap=false,
-                   free_energy=zero_f, converged=jnp.asarray(True), sinkhorn_error=zero_f, residual=nan, z_score=nan,
-                   collapse_warning=false)
+    out = _output(fused, params, predictions=tr.predictions, sigmas=tr.sigmas,
+                  expert_ok=tr.expert_ok, weights=_mixture_weights(fused.weights, tr.expert_ok),
+                  scale_weights=_mixture_weights(jnp.ones((NUM_EXPERTS + 1,), dtype), jnp.append(tr.expert_ok, True)),
+                  selection_weights=_mixture_weights(jnp.ones((NUM_EXPERTS + 1,), dtype), jnp.append(True, tr.expert_ok)),
+                  holder=tr.holder_exponent, entropy=tr.dgm_entropy, collapsed=tr.mode_collapse,
+                  degraded=tr.degraded,
+                  frozen=tr.frozen, rejected=false, regime_change=false, outlier=false, stale=false, gap=false,
+                  free_energy=zero_f, converged=jnp.asarray(True), sinkhorn_error=zero_f, residual=nan, z_score=nan,
+                  collapse_warning=false)
+    return fused, out
+
+
+def _fusion_placeholder(kernel: KernelState, static, params) -> FusionState:
+    """A scan carry's fusion state before its priming step replaces it (from the primed kernel's placeholders)."""
+    return fusion_init(kernel.kernel_predictions, kernel.kernel_sigmas, jnp.var(jnp.diff(kernel.window)),
+                       _window_scale(kernel.window, params), kernel.dgm_entropy, static, params)
 
 
 def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, static, params) -> tuple[PredictorState, StepOutput]:
     """State after consuming ``history`` and the output of that moment: the forecast of the next value."""
-    kernel = kernel_init(history, timestamp_ns, key, static, params)
-    fused = fusion_init(kernel, static, params)
-    return PredictorState(kernel, fused), _initial_output(kernel, fused, params)
+    primed = PredictorState(kernel_prime(history, timestamp_ns, key, static, params), None)
+    return step(primed, history[-1], timestamp_ns, timestamp_ns, static, params, first=True)
 
 
 def _output(f: FusionState, params, *, predictions, sigmas, expert_ok, weights, scale_weights, selection_weights, holder, entropy, collapsed, degraded, frozen, rejected,
@@ -260,14 +277,9 @@ def _refreshed_holder(previous, buffer, count, clock, static, params) -> Float[A
     return jax.lax.cond(clock % static.wtmm_stride == 0, fresh, lambda: previous)
 
 
-def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
-                static, params) -> tuple[KernelState, KernelTrack]:
-    """Gate the observation, update the window and degraded mode, and let the kernels forecast the next value."""
-    params = kernel_side(params)
-    dtype = k.window.dtype
-    y = jnp.asarray(y, dtype)
-
-    # 1. ingestion gate (the cadence estimate includes this interval, so the first step after init has one)
+def _ingest(k: KernelState, y, timestamp_ns, now_ns, params) -> tuple:
+    """The ingestion gate, the window and analysis buffer with the observation, and degraded mode."""
+    # the cadence estimate includes this interval, so the first step after init has one
     cadence = _cadence(k, timestamp_ns)
     decision = gate.gate_observation(
         y, timestamp_ns, now_ns, k.last_timestamp_ns, k.window, k.consecutive_outliers,
@@ -275,8 +287,7 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
         outlier_max_consecutive=params["outlier_max_consecutive"], staleness_ttl_ns=params["staleness_ttl_ns"],
         max_gap_ns=params["max_gap_ns"], cadence_ns=cadence,
         staleness_cadence_multiple=params["staleness_cadence_multiple"])
-    rejected = decision.rejected
-    y_ok = jnp.where(rejected, k.window[-1], y)
+    y_ok = jnp.where(decision.rejected, k.window[-1], y)
 
     # frozen signal, staleness and gaps -> degraded (with hysteresis)
     window = jnp.concatenate([k.window[1:], y_ok[None]])
@@ -285,15 +296,41 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
                                        params["frozen_signal_recovery_ratio"]))
     degraded, clean_streak = gate.degraded_hysteresis(decision.stale | decision.gap | frozen, k.degraded,
                                                       k.clean_streak, params["frozen_signal_recovery_steps"])
-
-    # 6. window update and the kernels' forecasts of y_{t+1} (thresholds from the previous Hoelder exponent)
+    buffer, count = wtmm.append(k.analysis_buffer, k.analysis_count, y_ok)
     key, forecast_key = jax.random.split(k.key)
+    return decision, y_ok, window, buffer, count, frozen, degraded, clean_streak, cadence, key, forecast_key
+
+
+def _primed(k: KernelState) -> tuple:
+    """What :func:`_ingest` gives on the priming step: the primed window and buffer unchanged, nothing flagged,
+    and the keys :func:`kernel_prime` left for the first forecast."""
+    false, zero_i = jnp.asarray(False), jnp.zeros((), jnp.int64)
+    decision = gate.GateDecision(false, false, false, false, false, false, zero_i)
+    key, _, forecast_key = jax.random.split(k.key, 3)
+    return (decision, k.window[-1], k.window, k.analysis_buffer, k.analysis_count, false, false, zero_i,
+            k.cadence_ns, key, forecast_key)
+
+
+def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
+                static, params, first: bool | Bool[Array, ""] = False) -> tuple[KernelState, KernelTrack]:
+    """Gate the observation, update the window and degraded mode, and let the kernels forecast the next value.
+    Where ``first``, ``k`` comes from :func:`kernel_prime` and ``y`` is ignored: the kernels make their first
+    forecasts from the primed window."""
+    params = kernel_side(params)
+    dtype = k.window.dtype
+    y = jnp.asarray(y, dtype)
+
+    # 1. ingestion gate
+    decision, y_ok, window, buffer, count, frozen, degraded, clean_streak, cadence, key, forecast_key = _branch(
+        first, lambda: _primed(k), lambda: _ingest(k, y, timestamp_ns, now_ns, params))
+    rejected = decision.rejected
+
+    # 6. the kernels' forecasts of y_{t+1} (thresholds from the previous Hoelder exponent)
     aug = _with_adaptive(params, k.holder_exponent)
     preds, sigmas, ok, meta, carries = _forecast_all(window, k.kernel_carries, forecast_key, static, aug,
                                                      accept=~rejected)
     entropy, collapsed = _entropy_metadata(meta, dtype)
     clock = k.clock + 1
-    buffer, count = wtmm.append(k.analysis_buffer, k.analysis_count, y_ok)
     accepted = KernelState(
         window=window, kernel_carries=k.kernel_carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
         analysis_buffer=buffer, analysis_count=count,
@@ -315,7 +352,7 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
         rejected=rejected, non_finite=decision.non_finite, outlier=decision.outlier,
         out_of_order=decision.out_of_order, stale=decision.stale, gap=decision.gap, frozen=new.frozen,
         degraded=new.degraded, value=y_ok, center=jnp.mean(k.window), scale=_window_scale(k.window, params),
-        increment_scale=_window_scale(jnp.diff(k.window), params),
+        increment_scale=_window_scale(jnp.diff(k.window), params), increment_variance=jnp.var(jnp.diff(new.window)),
         prev_predictions=k.kernel_predictions, prev_sigmas=k.kernel_sigmas,
         prev_holder_exponent=k.holder_exponent, predictions=new.kernel_predictions, sigmas=new.kernel_sigmas,
         expert_ok=new.expert_ok,
@@ -485,10 +522,12 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
 
 
 def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
-         static, params) -> tuple[PredictorState, StepOutput]:
-    """Consume one observation; return the new state and the forecast of the next value."""
-    kernel, track = kernel_step(state.kernel, y, timestamp_ns, now_ns, static, params)
-    fused, out = fusion_step(state.fusion, track, static, params)
+         static, params, first: bool | Bool[Array, ""] = False) -> tuple[PredictorState, StepOutput]:
+    """Consume one observation; return the new state and the forecast of the next value. Where ``first``, the
+    priming step of a state from :func:`kernel_prime` (its fusion state is not read)."""
+    kernel, track = kernel_step(state.kernel, y, timestamp_ns, now_ns, static, params, first)
+    fused, out = _branch(first, lambda: fusion_start(track, static, params),
+                         lambda: fusion_step(state.fusion, track, static, params))
     return PredictorState(kernel, fused), out
 
 
@@ -532,19 +571,32 @@ def _nan_output_like(out: StepOutput, length: int) -> StepOutput:
     return jax.tree.map(blank, out)
 
 
+def _with_head(outs: StepOutput, m: int) -> StepOutput:
+    """Outputs of a scan that started at index m - 1, aligned with the series (placeholders before it)."""
+    head = _nan_output_like(jax.tree.map(lambda x: x[0], outs), m - 1)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, outs)
+
+
+def _primed_scan_inputs(values, timestamps_ns, now_ns, m):
+    """The scan's inputs from index m - 1 on, with the flag of its first (priming) step."""
+    first = jnp.arange(values.shape[0] - m + 1) == 0
+    return values[m - 1:], timestamps_ns[m - 1:], now_ns[m - 1:], first
+
+
 def run_series(values: Float[Array, " T"], timestamps_ns: Int[Array, " T"], now_ns: Int[Array, " T"], key,
                static, params) -> StepOutput:
-    """Init on the first n values, then ``lax.scan`` the step over the rest; outputs aligned with ``values``."""
+    """Prime on the first n values, then ``lax.scan`` the step from the n-th value on (its first step makes the
+    first forecasts, as :func:`init_state` does); outputs aligned with ``values``."""
     m = static.base_min_signal_length
-    state, first = init_state(values[:m], timestamps_ns[m - 1], key, static, params)
+    kernel = kernel_prime(values[:m], timestamps_ns[m - 1], key, static, params)
+    state = PredictorState(kernel, _fusion_placeholder(kernel, static, params))
 
     def body(carry, xs):
-        y, ts, now = xs
-        return step(carry, y, ts, now, static, params)
+        y, ts, now, first = xs
+        return step(carry, y, ts, now, static, params, first)
 
-    _, outs = jax.lax.scan(body, state, (values[m:], timestamps_ns[m:], now_ns[m:]))
-    head = _nan_output_like(first, m - 1)
-    return jax.tree.map(lambda a, b, c: jnp.concatenate([a, b[None], c]), head, first, outs)
+    _, outs = jax.lax.scan(body, state, _primed_scan_inputs(values, timestamps_ns, now_ns, m))
+    return _with_head(outs, m)
 
 
 def run_panel(values: Float[Array, "B T"], timestamps_ns: Int[Array, "B T"], now_ns: Int[Array, "B T"], key,
@@ -562,20 +614,22 @@ def run_trials(values, timestamps_ns, now_ns, key, static, params_batch) -> Step
 
 def _run_series_shared(values, timestamps_ns, now_ns, key, static, kernel_params, params_batch) -> StepOutput:
     m = static.base_min_signal_length
-    kernel = kernel_init(values[:m], timestamps_ns[m - 1], key, static, kernel_params)
+    kernel = kernel_prime(values[:m], timestamps_ns[m - 1], key, static, kernel_params)
+    xs = _primed_scan_inputs(values, timestamps_ns, now_ns, m)
 
     def body(k, xs):
-        y, ts, now = xs
-        return kernel_step(k, y, ts, now, static, kernel_params)
+        y, ts, now, first = xs
+        return kernel_step(k, y, ts, now, static, kernel_params, first)
 
-    _, tracks = jax.lax.scan(body, kernel, (values[m:], timestamps_ns[m:], now_ns[m:]))
+    _, tracks = jax.lax.scan(body, kernel, xs)
 
     def one_trial(params):
-        fused = fusion_init(kernel, static, params)
-        first = _initial_output(kernel, fused, params)
-        _, outs = jax.lax.scan(lambda f, tr: fusion_step(f, tr, static, params), fused, tracks)
-        head = _nan_output_like(first, m - 1)
-        return jax.tree.map(lambda a, b, c: jnp.concatenate([a, b[None], c]), head, first, outs)
+        def fuse(f, inputs):
+            tr, first = inputs
+            return _branch(first, lambda: fusion_start(tr, static, params), lambda: fusion_step(f, tr, static, params))
+
+        _, outs = jax.lax.scan(fuse, _fusion_placeholder(kernel, static, params), (tracks, xs[-1]))
+        return _with_head(outs, m)
 
     return jax.vmap(one_trial)(params_batch)
 

@@ -264,3 +264,36 @@ def test_lengths_pad_to_a_power_of_two_then_to_multiples_of_256():
     assert [length_bucket(t) for t in (33, 64, 65, 120, 200, 256, 257, 1000, 2000)] == [
         64, 64, 128, 128, 256, 256, 512, 1024, 2048]
 
+
+
+@pytest.mark.parametrize("program", ["run_panel", "run_trials_shared"])
+def test_a_run_program_traces_each_expert_forecast_once(small_config, monkeypatch, program):
+    """A run primes the kernels (``step.kernel_prime``) and makes their first forecasts in the first step of its
+    scan: the forecast code, most of a program's compile time, is traced once per program, not once for the initial
+    state and again for the step."""
+    from collections import Counter
+
+    import jax
+
+    from usp_core.engine import step as step_mod
+
+    traced = Counter()
+
+    def counting(kernel):
+        def forecast(*args):
+            traced[kernel.name] += 1
+            return kernel.forecast(*args)
+
+        return kernel._replace(forecast=forecast)
+
+    monkeypatch.setattr(step_mod, "EXPERTS", tuple(counting(k) for k in step_mod.EXPERTS))
+    p = Predictor(small_config)
+    values, stamps = jax.ShapeDtypeStruct((2, T), p.dtype), jax.ShapeDtypeStruct((2, T), jnp.int64)
+    if program == "run_panel":
+        jax.eval_shape(lambda v, t: step_mod.run_panel(v, t, t, p.key, p.static, p.params), values, stamps)
+    else:
+        trials = {k: jnp.stack([v, v]) for k, v in p.params.items()}
+        kernel_side = step_mod.kernel_side(p.params)
+        jax.eval_shape(lambda v, t: step_mod.run_trials_shared(v, t, t, p.key, p.static, kernel_side, trials),
+                       values, stamps)
+    assert traced == {k.name: 1 for k in step_mod.EXPERTS}
