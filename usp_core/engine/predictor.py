@@ -32,10 +32,10 @@ from usp_core.engine.workers import (
 )
 from usp_core.paths import project_root
 
-_init_jit = jax.jit(step_mod.init_state, static_argnames=("static",))
+_prime_jit = jax.jit(step_mod.prime_state, static_argnames=("static",))
 _step_jit = jax.jit(step_mod.step, static_argnames=("static",))
 _step_batch_jit = jax.jit(step_mod.step_batch, static_argnames=("static",))
-_init_batch_jit = jax.jit(step_mod.init_batch, static_argnames=("static",))
+_prime_batch_jit = jax.jit(step_mod.prime_batch, static_argnames=("static",))
 _advance_batch_jit = jax.jit(step_mod.advance_batch, static_argnames=("static",))
 _run_jit = jax.jit(step_mod.run_panel, static_argnames=("static",))
 _run_trials_jit = jax.jit(step_mod.run_trials, static_argnames=("static",))
@@ -45,7 +45,7 @@ _run_trials_shared_jit = jax.jit(step_mod.run_trials_shared, static_argnames=("s
 _T_BUCKET = 256
 
 
-_ENTRY_POINTS = {"init": _init_jit, "step": _step_jit, "step_batch": _step_batch_jit, "init_batch": _init_batch_jit,
+_ENTRY_POINTS = {"prime": _prime_jit, "step": _step_jit, "step_batch": _step_batch_jit, "prime_batch": _prime_batch_jit,
                  "advance_batch": _advance_batch_jit, "run": _run_jit, "run_trials": _run_trials_jit,
                  "run_trials_shared": _run_trials_shared_jit}
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's monitoring event of an XLA compile
@@ -154,18 +154,18 @@ class Predictor:
 
     # -- single series, online ---------------------------------------------------------------------------
     def init(self, history, *, timestamp_ns: int | None = None) -> PredictorState:
+        return self.init_output(history, timestamp_ns=timestamp_ns)[0]
+
+    def init_output(self, history, *, timestamp_ns: int | None = None) -> tuple[PredictorState, StepOutput]:
+        """Like :meth:`init`, also returning the output (forecast of the next value) at that moment. The kernels are
+        primed on ``history`` and make their first forecasts in the step's program (its priming branch), so an
+        online predictor compiles the forecast code once."""
         history = jnp.asarray(history, self.dtype)
         if history.ndim != 1 or history.shape[0] < self.min_history:
             raise ValueError(f"init needs a 1-D history of at least {self.min_history} values, got shape {history.shape}")
-        ts = history.shape[0] - 1 if timestamp_ns is None else timestamp_ns
-        state, _ = _init_jit(history, jnp.asarray(ts, jnp.int64), self.key, self.static, self.params)
-        return state
-
-    def init_output(self, history, *, timestamp_ns: int | None = None) -> tuple[PredictorState, StepOutput]:
-        """Like :meth:`init`, also returning the output (forecast of the next value) at that moment."""
-        history = jnp.asarray(history, self.dtype)
-        ts = history.shape[0] - 1 if timestamp_ns is None else timestamp_ns
-        return _init_jit(history, jnp.asarray(ts, jnp.int64), self.key, self.static, self.params)
+        ts = jnp.asarray(history.shape[0] - 1 if timestamp_ns is None else timestamp_ns, jnp.int64)
+        primed = _prime_jit(history, ts, self.key, self.static, self.params)
+        return _step_jit(primed, history[-1], ts, ts, self.static, self.params, jnp.asarray(True))
 
     def step(self, state: PredictorState, value, timestamp_ns: int | None = None,
              now_ns: int | None = None) -> tuple[StepOutput, PredictorState]:
@@ -173,29 +173,43 @@ class Predictor:
         tick after the last accepted observation, observed immediately (never stale)."""
         ts = state.last_timestamp_ns + 1 if timestamp_ns is None else jnp.asarray(timestamp_ns, jnp.int64)
         now = ts if now_ns is None else jnp.asarray(now_ns, jnp.int64)
-        state, out = _step_jit(state, jnp.asarray(value, self.dtype), ts, now, self.static, self.params)
+        state, out = _step_jit(state, jnp.asarray(value, self.dtype), ts, now, self.static, self.params,
+                               jnp.asarray(False))
         return out, state
 
     # -- many series, online (inference job) -------------------------------------------------------------
+    def prime_batch(self, histories, timestamps_ns) -> PredictorState:
+        """States for B series from equal-length histories (B, m) whose last values were observed at
+        ``timestamps_ns`` (B,), primed: their first step (``advance_batch``'s ``first``) makes the first forecasts."""
+        histories = jnp.asarray(histories, self.dtype)
+        return _prime_batch_jit(histories, jnp.asarray(timestamps_ns, jnp.int64), self.key, self.static, self.params)
+
     def init_batch(self, histories, timestamps_ns) -> tuple[PredictorState, StepOutput]:
         """States for B series from equal-length histories (B, m) whose last values were observed at
-        ``timestamps_ns`` (B,)."""
+        ``timestamps_ns`` (B,), and the outputs of that moment (the priming step in ``step_batch``'s program)."""
+        primed = self.prime_batch(histories, timestamps_ns)
         histories = jnp.asarray(histories, self.dtype)
-        return _init_batch_jit(histories, jnp.asarray(timestamps_ns, jnp.int64), self.key, self.static, self.params)
+        ts = jnp.asarray(timestamps_ns, jnp.int64)
+        new_states, out = _step_batch_jit(primed, histories[:, -1], ts, ts, self.static, self.params, jnp.asarray(True))
+        return new_states, out
 
     def step_batch(self, states: PredictorState, values, timestamps_ns, now_ns) -> tuple[StepOutput, PredictorState]:
         """One step of B series at once (states stacked along a leading axis)."""
         new_states, out = _step_batch_jit(states, jnp.asarray(values, self.dtype), jnp.asarray(timestamps_ns, jnp.int64),
-                                          jnp.asarray(now_ns, jnp.int64), self.static, self.params)
+                                          jnp.asarray(now_ns, jnp.int64), self.static, self.params, jnp.asarray(False))
         return out, new_states
 
-    def advance_batch(self, states: PredictorState, values, timestamps_ns, now_ns, mask) -> tuple[StepOutput, PredictorState]:
+    def advance_batch(self, states: PredictorState, values, timestamps_ns, now_ns, mask,
+                      first=None) -> tuple[StepOutput, PredictorState]:
         """L steps of B series in one compiled scan (B, L arrays); a series keeps its state where ``mask`` is
-        False. Callers pad L to a few sizes: each (B, L) compiles once. Returns once the scan has run."""
+        False, and takes its priming step where ``first`` (a state from :meth:`prime_batch`; default nowhere).
+        Callers pad L to a few sizes: each (B, L) compiles once. Returns once the scan has run."""
+        mask = jnp.asarray(mask, bool)
+        first = jnp.zeros_like(mask) if first is None else jnp.asarray(first, bool)
         with single_thread_blas():
             new_states, out = jax.block_until_ready(_advance_batch_jit(
                 states, jnp.asarray(values, self.dtype), jnp.asarray(timestamps_ns, jnp.int64),
-                jnp.asarray(now_ns, jnp.int64), jnp.asarray(mask, bool), self.static, self.params))
+                jnp.asarray(now_ns, jnp.int64), mask, first, self.static, self.params))
         return out, new_states
 
     # -- whole series, compiled once (scan over time, vmap over series) -----------------------------------

@@ -234,9 +234,16 @@ def _fusion_placeholder(kernel: KernelState, static, params) -> FusionState:
                        _window_scale(kernel.window, params), kernel.dgm_entropy, static, params)
 
 
+def prime_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, static, params) -> PredictorState:
+    """A state ready for its priming step (:func:`step` with ``first``): the kernels primed on ``history``, a
+    placeholder fusion state that the priming step replaces."""
+    kernel = kernel_prime(history, timestamp_ns, key, static, params)
+    return PredictorState(kernel, _fusion_placeholder(kernel, static, params))
+
+
 def init_state(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key, static, params) -> tuple[PredictorState, StepOutput]:
     """State after consuming ``history`` and the output of that moment: the forecast of the next value."""
-    primed = PredictorState(kernel_prime(history, timestamp_ns, key, static, params), None)
+    primed = prime_state(history, timestamp_ns, key, static, params)
     return step(primed, history[-1], timestamp_ns, timestamp_ns, static, params, first=True)
 
 
@@ -531,30 +538,35 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     return PredictorState(kernel, fused), out
 
 
-def step_batch(states: PredictorState, values, timestamps_ns, now_ns, static, params) -> tuple[PredictorState, StepOutput]:
-    """One step of many series (states stacked along a leading axis)."""
-    return jax.vmap(lambda s, y, ts, now: step(s, y, ts, now, static, params))(states, values, timestamps_ns, now_ns)
+def step_batch(states: PredictorState, values, timestamps_ns, now_ns, static, params,
+               first: bool | Bool[Array, ""] = False) -> tuple[PredictorState, StepOutput]:
+    """One step of many series (states stacked along a leading axis); ``first``: the priming step of all of them."""
+    return jax.vmap(lambda s, y, ts, now: step(s, y, ts, now, static, params, first))(states, values, timestamps_ns,
+                                                                                       now_ns)
 
 
 def advance_batch(states: PredictorState, values: Float[Array, "B L"], timestamps_ns: Int[Array, "B L"],
-                  now_ns: Int[Array, "B L"], mask: Bool[Array, "B L"], static, params) -> tuple[PredictorState, StepOutput]:
-    """``lax.scan`` of :func:`step_batch` over L time indices; where ``mask`` is False a series keeps its state
-    (rows of different lengths, padding). Outputs have leading axes (B, L)."""
+                  now_ns: Int[Array, "B L"], mask: Bool[Array, "B L"], first: Bool[Array, "B L"], static,
+                  params) -> tuple[PredictorState, StepOutput]:
+    """``lax.scan`` of :func:`step` over L time indices of B series; where ``mask`` is False a series keeps its
+    state (rows of different lengths, padding), where ``first`` the step is the priming step of a state from
+    :func:`prime_state` (a cold start inside the same program). Outputs have leading axes (B, L)."""
 
     def body(carry, xs):
-        y, ts, now, live = xs
-        stepped, out = step_batch(carry, y, ts, now, static, params)
+        y, ts, now, live, primes = xs
+        stepped, out = jax.vmap(lambda s, y, ts, now, f: step(s, y, ts, now, static, params, f))(
+            carry, y, ts, now, primes)
         merged = jax.tree.map(lambda new, old: jnp.where(live.reshape(live.shape + (1,) * (new.ndim - 1)), new, old),
                               stepped, carry)
         return merged, out
 
-    final, outs = jax.lax.scan(body, states, (values.T, timestamps_ns.T, now_ns.T, mask.T))
+    final, outs = jax.lax.scan(body, states, (values.T, timestamps_ns.T, now_ns.T, mask.T, first.T))
     return final, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
 
 
-def init_batch(histories, timestamps_ns, key, static, params) -> tuple[PredictorState, StepOutput]:
-    """States of many series from equal-length histories."""
-    return jax.vmap(lambda h, ts: init_state(h, ts, key, static, params))(histories, timestamps_ns)
+def prime_batch(histories, timestamps_ns, key, static, params) -> PredictorState:
+    """Primed states (:func:`prime_state`) of many series from equal-length histories."""
+    return jax.vmap(lambda h, ts: prime_state(h, ts, key, static, params))(histories, timestamps_ns)
 
 
 def _nan_output_like(out: StepOutput, length: int) -> StepOutput:
@@ -588,8 +600,7 @@ def run_series(values: Float[Array, " T"], timestamps_ns: Int[Array, " T"], now_
     """Prime on the first n values, then ``lax.scan`` the step from the n-th value on (its first step makes the
     first forecasts, as :func:`init_state` does); outputs aligned with ``values``."""
     m = static.base_min_signal_length
-    kernel = kernel_prime(values[:m], timestamps_ns[m - 1], key, static, params)
-    state = PredictorState(kernel, _fusion_placeholder(kernel, static, params))
+    state = prime_state(values[:m], timestamps_ns[m - 1], key, static, params)
 
     def body(carry, xs):
         y, ts, now, first = xs

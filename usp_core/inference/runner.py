@@ -3,7 +3,9 @@
 Rows of a series are stepped in time order; all series advance together through ``Predictor.advance_batch`` (one
 compiled scan per chunk of up to 256 time indices; the batch is padded as ``Predictor.run`` pads it
 (``batch_bucket``) and chunks to 1, 2, 4, ..., 256 steps, so that panel and file sizes reuse compilations), and a
-series without a row at that index keeps its state.
+series without a row at that index keeps its state. A series without a usable stored state is primed on its history
+(``Predictor.prime_batch``) and makes its first forecasts in the first step of that scan, so a cold start compiles
+no program of its own beyond the priming.
 """
 
 from __future__ import annotations
@@ -222,7 +224,8 @@ def run_inference(
         init_ids.append(sid)
         init_hist.append(all_values[start:start + m])
         init_ts.append(int(all_stamps[start + m - 1]))
-        plans.append((sid, all_values[start + m:], all_stamps[start + m:]))
+        # from the history's last value on: the state's priming step (its first forecasts) opens the plan
+        plans.append((sid, all_values[start + m - 1:], all_stamps[start + m - 1:]))
     if caught_up:
         log(f"catching up {caught_up} stored observations that the states of config {cfg.version} had not seen")
 
@@ -257,11 +260,9 @@ def run_inference(
 
     if init_ids:
         b = batch_bucket(len(init_ids))
-        init_states, init_out = predictor.init_batch(_pad_batch(np.stack(init_hist), b),
-                                                     _pad_batch(np.asarray(init_ts, np.int64), b))
-        emit(init_ids, np.asarray(init_ts), {name: np.asarray(getattr(init_out, name))[: len(init_ids)] for name in init_out._fields})
+        primed = predictor.prime_batch(_pad_batch(np.stack(init_hist), b), _pad_batch(np.asarray(init_ts, np.int64), b))
         for i, sid in enumerate(init_ids):
-            start_states[sid] = _state_at(init_states, i)
+            start_states[sid] = _state_at(primed, i)
         log(f"initialised {len(init_ids)} series from their stored history ({m} values each, then up to "
             f"{rebuild_steps} stored values stepped)")
 
@@ -275,21 +276,25 @@ def run_inference(
         values = np.zeros((b, length))
         stamps = np.zeros((b, length), np.int64)
         mask = np.zeros((b, length), bool)
-        for i, (_, v, t) in enumerate(steppable):
+        first = np.zeros((b, length), bool)
+        primed_ids = set(init_ids)
+        for i, (sid, v, t) in enumerate(steppable):
             values[i, :len(v)], stamps[i, :len(t)], mask[i, :len(v)] = v, t, True
+            first[i, 0] = sid in primed_ids
         now = stamps.copy()  # stored rows (catch-up, rebuild) were on time when they arrived
         if now_ns is not None:
             # the file's rows arrive as late as its newest row: a batch delivered on time is not stale
             for i, sid in enumerate(ids):
-                n_file = int(file_rows[sid])
-                newest = stamps[i, len(steppable[i][1]) - 1]
-                now[i, len(steppable[i][1]) - n_file: len(steppable[i][1])] += max(0, int(now_ns) - int(newest))
+                n = len(steppable[i][1])
+                newest = stamps[i, n - 1]
+                # a new series' first file rows are its history (no step), so the plan may hold fewer than the file
+                now[i, max(0, n - int(file_rows[sid])): n] += max(0, int(now_ns) - int(newest))
         batch = _stack([start_states[sid] for sid in ids] + [start_states[ids[0]]] * (b - len(ids)))
         chunk = min(next_power_of_two(length), MAX_CHUNK)
         for lo in range(0, length, chunk):
             part = slice(lo, lo + chunk)
             pad = chunk - mask[:, part].shape[1]
-            padded = [np.pad(x[:, part], ((0, 0), (0, pad))) for x in (values, stamps, now, mask)]
+            padded = [np.pad(x[:, part], ((0, 0), (0, pad))) for x in (values, stamps, now, mask, first)]
             out, batch = predictor.advance_batch(batch, *padded)
             rows, steps = np.nonzero(padded[3])
             emit([ids[i] for i in rows], padded[1][rows, steps],
