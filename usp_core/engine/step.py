@@ -150,7 +150,8 @@ def _entropy_metadata(meta, dtype):
 
 def _branch(first, primed, stepped):
     """``primed()`` where ``first``, else ``stepped()``. A Python bool picks at trace time (``init_state``); a traced
-    flag is a ``lax.cond`` (inside the run programs' scans it is the same for every series, so it stays a branch)."""
+    flag is a ``lax.cond``: a branch where the flag is the same for every series (the run programs' scans, ``p.init``
+    through the step program), a select of both where it is per series (``advance_batch``)."""
     if isinstance(first, bool):
         return primed() if first else stepped()
     return jax.lax.cond(first, primed, stepped)
