@@ -187,11 +187,9 @@ class Predictor:
     def init_batch(self, histories, timestamps_ns) -> tuple[PredictorState, StepOutput]:
         """States for B series from equal-length histories (B, m) whose last values were observed at
         ``timestamps_ns`` (B,), and the outputs of that moment (the priming step in ``step_batch``'s program)."""
-        primed = self.prime_batch(histories, timestamps_ns)
-        histories = jnp.asarray(histories, self.dtype)
-        ts = jnp.asarray(timestamps_ns, jnp.int64)
-        new_states, out = _step_batch_jit(primed, histories[:, -1], ts, ts, self.static, self.params, jnp.asarray(True))
-        return new_states, out
+        histories, ts = jnp.asarray(histories, self.dtype), jnp.asarray(timestamps_ns, jnp.int64)
+        primed = _prime_batch_jit(histories, ts, self.key, self.static, self.params)
+        return _step_batch_jit(primed, histories[:, -1], ts, ts, self.static, self.params, jnp.asarray(True))
 
     def step_batch(self, states: PredictorState, values, timestamps_ns, now_ns) -> tuple[StepOutput, PredictorState]:
         """One step of B series at once (states stacked along a leading axis)."""

@@ -11,6 +11,8 @@ fusion side, which lets ``run_trials_shared`` run the expensive kernels once for
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -285,7 +287,23 @@ def _refreshed_holder(previous, buffer, count, clock, static, params) -> Float[A
     return jax.lax.cond(clock % static.wtmm_stride == 0, fresh, lambda: previous)
 
 
-def _ingest(k: KernelState, y, timestamp_ns, now_ns, params) -> tuple:
+class Ingested(NamedTuple):
+    """What the gate makes of one observation (or the priming step of a primed state)."""
+
+    decision: gate.GateDecision
+    value: Float[Array, ""]  # the observation, or the last accepted value when rejected
+    window: Float[Array, " n"]
+    buffer: Float[Array, " L"]
+    count: Int[Array, ""]
+    frozen: Bool[Array, ""]
+    degraded: Bool[Array, ""]
+    clean_streak: Int[Array, ""]
+    cadence_ns: Float[Array, ""]
+    key: Array
+    forecast_key: Array
+
+
+def _ingest(k: KernelState, y, timestamp_ns, now_ns, params) -> Ingested:
     """The ingestion gate, the window and analysis buffer with the observation, and degraded mode."""
     # the cadence estimate includes this interval, so the first step after init has one
     cadence = _cadence(k, timestamp_ns)
@@ -306,17 +324,17 @@ def _ingest(k: KernelState, y, timestamp_ns, now_ns, params) -> tuple:
                                                       k.clean_streak, params["frozen_signal_recovery_steps"])
     buffer, count = wtmm.append(k.analysis_buffer, k.analysis_count, y_ok)
     key, forecast_key = jax.random.split(k.key)
-    return decision, y_ok, window, buffer, count, frozen, degraded, clean_streak, cadence, key, forecast_key
+    return Ingested(decision, y_ok, window, buffer, count, frozen, degraded, clean_streak, cadence, key, forecast_key)
 
 
-def _primed(k: KernelState) -> tuple:
+def _primed(k: KernelState) -> Ingested:
     """What :func:`_ingest` gives on the priming step: the primed window and buffer unchanged, nothing flagged,
     and the keys :func:`kernel_prime` left for the first forecast."""
     false, zero_i = jnp.asarray(False), jnp.zeros((), jnp.int64)
     decision = gate.GateDecision(false, false, false, false, false, false, zero_i)
     key, _, forecast_key = jax.random.split(k.key, 3)
-    return (decision, k.window[-1], k.window, k.analysis_buffer, k.analysis_count, false, false, zero_i,
-            k.cadence_ns, key, forecast_key)
+    return Ingested(decision, k.window[-1], k.window, k.analysis_buffer, k.analysis_count, false, false, zero_i,
+                    k.cadence_ns, key, forecast_key)
 
 
 def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""], now_ns: Int[Array, ""],
@@ -540,23 +558,24 @@ def step(state: PredictorState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
 
 
 def step_batch(states: PredictorState, values, timestamps_ns, now_ns, static, params,
-               first: bool | Bool[Array, ""] = False) -> tuple[PredictorState, StepOutput]:
-    """One step of many series (states stacked along a leading axis); ``first``: the priming step of all of them."""
-    return jax.vmap(lambda s, y, ts, now: step(s, y, ts, now, static, params, first))(states, values, timestamps_ns,
-                                                                                       now_ns)
+               first: bool | Bool[Array, ""] | Bool[Array, " B"] = False) -> tuple[PredictorState, StepOutput]:
+    """One step of many series (states stacked along a leading axis). ``first``: the priming step of all of them
+    (a scalar: one branch) or of some (one flag per series: both branches and a select)."""
+    per_series = not isinstance(first, bool) and jnp.ndim(first) == 1
+    return jax.vmap(lambda s, y, ts, now, f: step(s, y, ts, now, static, params, f),
+                    in_axes=(0, 0, 0, 0, 0 if per_series else None))(states, values, timestamps_ns, now_ns, first)
 
 
 def advance_batch(states: PredictorState, values: Float[Array, "B L"], timestamps_ns: Int[Array, "B L"],
                   now_ns: Int[Array, "B L"], mask: Bool[Array, "B L"], first: Bool[Array, "B L"], static,
                   params) -> tuple[PredictorState, StepOutput]:
-    """``lax.scan`` of :func:`step` over L time indices of B series; where ``mask`` is False a series keeps its
+    """``lax.scan`` of :func:`step_batch` over L time indices of B series; where ``mask`` is False a series keeps its
     state (rows of different lengths, padding), where ``first`` the step is the priming step of a state from
     :func:`prime_state` (a cold start inside the same program). Outputs have leading axes (B, L)."""
 
     def body(carry, xs):
         y, ts, now, live, primes = xs
-        stepped, out = jax.vmap(lambda s, y, ts, now, f: step(s, y, ts, now, static, params, f))(
-            carry, y, ts, now, primes)
+        stepped, out = step_batch(carry, y, ts, now, static, params, primes)
         merged = jax.tree.map(lambda new, old: jnp.where(live.reshape(live.shape + (1,) * (new.ndim - 1)), new, old),
                               stepped, carry)
         return merged, out

@@ -265,7 +265,6 @@ def test_lengths_pad_to_a_power_of_two_then_to_multiples_of_256():
         64, 64, 128, 128, 256, 256, 512, 1024, 2048]
 
 
-
 @pytest.mark.parametrize("program", ["run_panel", "run_trials_shared"])
 def test_a_run_program_traces_each_expert_forecast_once(small_config, monkeypatch, program):
     """A run primes the kernels (``step.kernel_prime``) and makes their first forecasts in the first step of its
