@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,17 +38,19 @@ _step_jit = jax.jit(step_mod.step, static_argnames=("static",))
 _step_batch_jit = jax.jit(step_mod.step_batch, static_argnames=("static",))
 _prime_batch_jit = jax.jit(step_mod.prime_batch, static_argnames=("static",))
 _advance_batch_jit = jax.jit(step_mod.advance_batch, static_argnames=("static",))
-_run_jit = jax.jit(step_mod.run_panel, static_argnames=("static",))
-_run_trials_jit = jax.jit(step_mod.run_trials, static_argnames=("static",))
-_run_trials_shared_jit = jax.jit(step_mod.run_trials_shared, static_argnames=("static",))
+_run_chunk_jit = jax.jit(step_mod.run_chunk, static_argnames=("static",))
+_prime_trials_jit = jax.jit(step_mod.prime_trials, static_argnames=("static",))
+_run_trials_chunk_jit = jax.jit(step_mod.run_trials_chunk, static_argnames=("static",))
+_prime_trials_shared_jit = jax.jit(step_mod.prime_trials_shared, static_argnames=("static",))
+_run_trials_shared_chunk_jit = jax.jit(step_mod.run_trials_shared_chunk, static_argnames=("static",))
 
+RUN_CHUNK = 64  # time steps per call of a run program: one program per batch shape serves every series length
 
-_T_BUCKET = 256
-
-
+# a run is two programs: its start (priming, "prime_batch" and the trial versions) and its chunk of RUN_CHUNK steps
 _ENTRY_POINTS = {"prime": _prime_jit, "step": _step_jit, "step_batch": _step_batch_jit, "prime_batch": _prime_batch_jit,
-                 "advance_batch": _advance_batch_jit, "run": _run_jit, "run_trials": _run_trials_jit,
-                 "run_trials_shared": _run_trials_shared_jit}
+                 "advance_batch": _advance_batch_jit, "run": _run_chunk_jit, "prime_trials": _prime_trials_jit,
+                 "run_trials": _run_trials_chunk_jit, "prime_trials_shared": _prime_trials_shared_jit,
+                 "run_trials_shared": _run_trials_shared_chunk_jit}
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's monitoring event of an XLA compile
 
 TRIAL_PROGRAMS_KEPT = 8
@@ -116,10 +119,79 @@ def batch_bucket(b: int) -> int:
     return next_power_of_two(b) if b <= _B_QUANTUM else _bucket(b, _B_QUANTUM)
 
 
-def length_bucket(t: int) -> int:
-    """Padded series length: a power of two up to ``_T_BUCKET``, then a multiple of it (120 steps run as 128,
-    1 000 as 1 024): a program serves every length of its bucket, and a short run costs less than a compile."""
-    return next_power_of_two(t) if t <= _T_BUCKET else _bucket(t, _T_BUCKET)
+def run_steps(t: int, min_history: int) -> int:
+    """Steps a run of length ``t`` scans: from index ``min_history - 1`` on, padded to a multiple of
+    ``RUN_CHUNK`` (a short run costs less than a compile)."""
+    return _bucket(t - min_history + 1, RUN_CHUNK) if t - min_history + 1 > RUN_CHUNK else RUN_CHUNK
+
+
+def _placeholder_head(x: np.ndarray, axis: int, length: int) -> np.ndarray:
+    """Outputs before the first forecast (SPEC §3.1): NaN floats, False flags, -1 integers."""
+    shape = (*x.shape[:axis], length, *x.shape[axis + 1:])
+    if np.issubdtype(x.dtype, np.floating):
+        return np.full(shape, np.nan, x.dtype)
+    return np.zeros(shape, bool) if x.dtype == np.bool_ else np.full(shape, -1, x.dtype)
+
+
+class RunInputs(NamedTuple):
+    """A run's padded inputs: the priming heads (values (B, m), last timestamps (B,)) and the scanned steps from
+    index m - 1 on as host arrays (B, S), S a multiple of ``RUN_CHUNK``."""
+
+    heads: tuple[Array, Array]
+    steps: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    def chunks(self, place) -> Iterator[tuple[Array, ...]]:
+        """Each chunk's (values, timestamps, observation times, priming flags), placed on devices by ``place``."""
+        first = np.zeros(RUN_CHUNK, bool)
+        for start in range(0, self.steps[0].shape[1], RUN_CHUNK):
+            first[0] = start == 0
+            yield (*(place(x[:, start:start + RUN_CHUNK]) for x in self.steps), jnp.asarray(first))
+
+    def chunk_shapes(self, place) -> tuple[Any, ...]:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            next(self.chunks(place)))
+
+
+class RunPlan(NamedTuple):
+    """A run's two programs and their dynamic arguments: ``start(*start_args, **start_kwargs)`` primes the
+    carry, ``chunk(carry, *chunk_inputs, **chunk_kwargs)`` runs ``RUN_CHUNK`` steps of it."""
+
+    start_entry: Any
+    chunk_entry: Any
+    start_args: tuple
+    start_kwargs: dict[str, Any]
+    chunk_kwargs: dict[str, Any]
+
+    def jitted(self, static) -> RunPrograms:
+        return RunPrograms(functools.partial(self.start_entry, static=static),
+                           functools.partial(self.chunk_entry, static=static))
+
+    def compile(self, static, inputs: RunInputs, place) -> RunPrograms:
+        """Both programs compiled ahead of time (JAX's lower/compile)."""
+        start = self.start_entry.lower(*self.start_args, static=static, **self.start_kwargs).compile()
+        chunk = self.chunk_entry.lower(start.out_info, *inputs.chunk_shapes(place), static=static,
+                                       **self.chunk_kwargs).compile()
+        return RunPrograms(start, chunk)
+
+
+class RunPrograms(NamedTuple):
+    """A run's start and chunk programs (jitted functions with the static key bound, or compiled executables)."""
+
+    start: Any
+    chunk: Any
+
+    def __call__(self, plan: RunPlan, inputs: RunInputs, place, lead: int) -> StepOutput:
+        """The outputs of the whole run as host arrays (``lead`` leading trial axes, then B, then time from
+        index 0: the placeholders before the first forecast included)."""
+        carry = self.start(*plan.start_args, **plan.start_kwargs)
+        outs = []
+        for xs in inputs.chunks(place):
+            carry, out = self.chunk(carry, *xs, **plan.chunk_kwargs)
+            outs.append(out)
+        axis = lead + 1
+        body = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs], axis=axis), *outs)
+        m = inputs.heads[0].shape[1]
+        return jax.tree.map(lambda x: np.concatenate([_placeholder_head(x, axis, m - 1), x], axis=axis), body)
 
 
 class HostPanel(NamedTuple):
@@ -236,32 +308,37 @@ class Predictor:
             return 1
         return run_processes(*host.values.shape)
 
-    @staticmethod
-    def _prepare(host: HostPanel, bucket: bool):
-        """:meth:`_host_arrays`' arrays padded to the bucket and placed on devices: ``(arrays, single, b, t)``.
-        Accelerators: the series axis sharded over every local device (XLA propagates the sharding); CPU: the
-        default device."""
+    def _prepare(self, host: HostPanel, bucket: bool) -> tuple[RunInputs, Callable[[np.ndarray], Array], bool, int, int]:
+        """:meth:`_host_arrays`' arrays padded (the series axis to its bucket where ``bucket``; the scanned steps
+        to a multiple of ``RUN_CHUNK``) as :class:`RunInputs`, the function that places a chunk on devices, and
+        ``(single, b, t)``. Accelerators: the series axis sharded over every local device (XLA propagates the
+        sharding); CPU: the default device."""
         arr, ts, now, single = host
         b, t = arr.shape
-        tb, bb = (length_bucket(t), batch_bucket(b)) if bucket else (t, b)
+        m = self.min_history
+        bb = batch_bucket(b) if bucket else b
         devices = jax.local_device_count() if jax.default_backend() != "cpu" else 1
         if bucket and devices > 1:
             bb = -(-bb // devices) * devices
-        if (tb, bb) != (t, b):
-            # Padding steps are NaN (rejected, state untouched) and padding series repeat the first one;
-            # both are sliced off, so buckets only save compilations.
-            arr = np.concatenate([arr, np.full((b, tb - t), np.nan, arr.dtype)], axis=1)
-            last = ts[:, -1:]
-            ts = np.concatenate([ts, last + 1 + np.arange(tb - t)], axis=1)
-            now = np.concatenate([now, now[:, -1:] + 1 + np.arange(tb - t)], axis=1)
-            arr, ts, now = (np.concatenate([x, np.repeat(x[:1], bb - b, axis=0)]) for x in (arr, ts, now))
-        arrays = [jnp.asarray(x) for x in (arr, ts, now)]
+        pad = m - 1 + run_steps(t, m) - t
+        # Padding steps are NaN (rejected, state untouched) and padding series repeat the first one; both are
+        # sliced off, so they only save compilations.
+        arr = np.concatenate([arr, np.full((b, pad), np.nan, arr.dtype)], axis=1)
+        ts = np.concatenate([ts, ts[:, -1:] + 1 + np.arange(pad)], axis=1)
+        now = np.concatenate([now, now[:, -1:] + 1 + np.arange(pad)], axis=1)
+        arr, ts, now = (np.concatenate([x, np.repeat(x[:1], bb - b, axis=0)]) for x in (arr, ts, now))
+        place = jnp.asarray
         if devices > 1 and bb % devices == 0:
             # Auto axes: XLA propagates the series sharding through the step; nothing inside it is sharding-aware.
             mesh = jax.make_mesh((devices,), ("series",), axis_types=(jax.sharding.AxisType.Auto,))
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("series"))
-            return [jax.device_put(x, sharding) for x in arrays], single, b, t
-        return arrays, single, b, t
+            place = functools.partial(jax.device_put, device=jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec("series")))
+        inputs = RunInputs((place(arr[:, :m]), place(ts[:, m - 1])), (arr[:, m - 1:], ts[:, m - 1:], now[:, m - 1:]))
+        return inputs, place, single, b, t
+
+    def _run_plan(self, inputs: RunInputs) -> RunPlan:
+        return RunPlan(_prime_batch_jit, _run_chunk_jit, (*inputs.heads, self.key), {"params": self.params},
+                       {"params": self.params})
 
     @staticmethod
     def _finish(out: StepOutput, single: bool, b: int, t: int, lead: tuple = ()) -> PredictorOutput:
@@ -285,14 +362,15 @@ class Predictor:
             out = run_split(dict(self.cfg), *host.arrays, processes, bucket, self.compile_cache)
             if out is not None:
                 return out
-        (arr, ts, now), single, b, t = self._prepare(host, bucket)
+        inputs, place, single, b, t = self._prepare(host, bucket)
+        plan = self._run_plan(inputs)
         with single_thread_blas():
-            return self._finish(_run_jit(arr, ts, now, self.key, self.static, self.params), single, b, t)
+            return self._finish(plan.jitted(self.static)(plan, inputs, place, 0), single, b, t)
 
     def compile_run(self, values, timestamps_ns=None, *, now_ns=None, bucket: bool = True) -> CompiledRun:
-        """``run``'s program compiled ahead of time for the shape of ``values`` (JAX's AOT lower/compile): the
-        returned callable runs any input of that (bucketed) shape without tracing, and says how long the
-        compilation took. A panel that ``run`` splits over worker processes is compiled in each worker for
+        """``run``'s programs compiled ahead of time for the batch shape of ``values`` (JAX's AOT lower/compile):
+        the returned callable runs any input with that (bucketed) number of series, of any length, without
+        tracing, and says how long the compilation took. A panel that ``run`` splits over worker processes is compiled in each worker for
         its block (all at once; the seconds are the wall time, worker start included)."""
         host = self._host_arrays(values, timestamps_ns, now_ns)
         processes = self._split_processes(host)
@@ -300,10 +378,10 @@ class Predictor:
             seconds = compile_split(dict(self.cfg), *host.arrays, processes, bucket, self.compile_cache)
             if seconds is not None:
                 return CompiledRun(self, None, seconds, bucket, processes)
-        (arr, ts, now), *_ = self._prepare(host, bucket)
+        inputs, place, *_ = self._prepare(host, bucket)
         start = time.perf_counter()
-        executable = _run_jit.lower(arr, ts, now, self.key, self.static, self.params).compile()
-        return CompiledRun(self, executable, time.perf_counter() - start, bucket)
+        programs = self._run_plan(inputs).compile(self.static, inputs, place)
+        return CompiledRun(self, programs, time.perf_counter() - start, bucket)
 
     def run_trials(self, values, params_batch: dict[str, Any], timestamps_ns=None, *, now_ns=None,
                    bucket: bool = True) -> PredictorOutput:
@@ -314,31 +392,33 @@ class Predictor:
         trials agree on every kernel-side parameter the kernels run once and only the fusion is vmapped over
         trials (``run_trials_shared``), which is what makes a batch of fusion trials cheap.
         """
-        (arr, ts, now), single, b, t = self._prepare(self._host_arrays(values, timestamps_ns, now_ns), bucket)
+        inputs, place, single, b, t = self._prepare(self._host_arrays(values, timestamps_ns, now_ns), bucket)
         missing = set(self.params) - set(params_batch)
         if missing:
             raise ValueError(f"params_batch lacks dynamic parameters: {sorted(missing)}")
         batch = {k: jnp.asarray(params_batch[k], self.params[k].dtype) for k in self.params}
         host = {k: np.asarray(v) for k, v in batch.items()}
+        heads = (*inputs.heads, self.key)
         if all((host[k] == host[k][0]).all() for k in step_mod.KERNEL_SIDE_PARAMS):
-            shared = {k: batch[k][0] for k in step_mod.KERNEL_SIDE_PARAMS}
-            name, args = "run_trials_shared", (arr, ts, now, self.key, shared, batch)
+            kwargs = {"kernel_params": {k: batch[k][0] for k in step_mod.KERNEL_SIDE_PARAMS}, "params_batch": batch}
+            name, plan = "run_trials_shared", RunPlan(_prime_trials_shared_jit, _run_trials_shared_chunk_jit, heads,
+                                                      kwargs, kwargs)
         else:
-            name, args = "run_trials", (arr, ts, now, self.key, batch)
-        entry = _ENTRY_POINTS[name]
+            kwargs = {"params_batch": batch}
+            name, plan = "run_trials", RunPlan(_prime_trials_jit, _run_trials_chunk_jit, heads, kwargs, kwargs)
         # compiled ahead of time and kept in a bounded cache: a campaign's programs are released as it moves on
-        program, _ = _trial_programs.get(_program_key(name, self.static, args),
-                                         lambda: entry.lower(*args[:4], self.static, *args[4:]).compile())
+        key = _program_key(name, self.static, (plan.start_args, plan.start_kwargs, inputs.chunk_shapes(place)))
+        programs, _ = _trial_programs.get(key, lambda: plan.compile(self.static, inputs, place))
         with single_thread_blas():
-            return self._finish(program(*args), single, b, t, lead=(0,))
+            return self._finish(programs(plan, inputs, place, 1), single, b, t, lead=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
 class CompiledRun:
-    """``Predictor.run`` compiled for one input shape (see :meth:`Predictor.compile_run`)."""
+    """``Predictor.run`` compiled for one batch shape, any series length (see :meth:`Predictor.compile_run`)."""
 
     predictor: Predictor
-    executable: Any  # jax.stages.Compiled; None where the workers hold the programs
+    programs: RunPrograms | None  # None where the workers hold the programs
     compile_seconds: float
     bucket: bool
     processes: int = 1
@@ -351,9 +431,9 @@ class CompiledRun:
             if out is None:
                 raise RuntimeError("p.run's worker processes died; compile this run again (it then runs in-process)")
             return out
-        (arr, ts, now), single, b, t = p._prepare(host, self.bucket)
+        inputs, place, single, b, t = p._prepare(host, self.bucket)
         with single_thread_blas():
-            return p._finish(self.executable(arr, ts, now, p.key, p.params), single, b, t)
+            return p._finish(self.programs(p._run_plan(inputs), inputs, place, 0), single, b, t)
 
 
 def stack_params(configs: list[PredictorConfig]) -> dict[str, Array]:

@@ -276,7 +276,7 @@ def _cadence(k: KernelState, timestamp_ns) -> Float[Array, ""]:
 def _refreshed_holder(previous, buffer, count, clock, static, params) -> Float[Array, ""]:
     """The Hoelder exponent of the analysis buffer, recomputed every ``wtmm_stride`` steps (the WTMM is the costliest
     part of a step, and a 256-point roughness estimate barely moves in a few steps). ``clock`` starts at a constant
-    and counts every step, so inside ``run_panel`` (vmap of a scan) it is the same for all series and the
+    and counts every step, so inside a run (``run_chunk``: vmap of a scan) it is the same for all series and the
     ``lax.cond`` really skips the WTMM; where states arrive batched (``step_batch``) it becomes a select. A refresh
     that falls on a rejected step is dropped with the rest of that step (the next one is a stride later)."""
     def fresh():
@@ -369,7 +369,7 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
         steps=k.steps + 1, clock=clock, key=key)
     # A rejected observation changes nothing but the gate counters, the clock and the key (SPEC §3.3 step 1); the
     # carries were kept by _forecast_all already. Clock and key advance outside the select so that they stay
-    # data-independent: inside run_panel every series then shares them, and the random numbers of a step are
+    # data-independent: inside a run every series then shares them, and the random numbers of a step are
     # drawn once for the whole panel instead of once per series (a fifth of the kernels' cost at B = 64).
     new = jax.tree.map(lambda old, fresh: jnp.where(rejected, old, fresh), k, accepted)
     new = eqx.tree_at(lambda s: (s.kernel_carries, s.consecutive_outliers, s.clock, s.key), new,
@@ -621,53 +621,103 @@ def run_series(values: Float[Array, " T"], timestamps_ns: Int[Array, " T"], now_
     first forecasts, as :func:`init_state` does); outputs aligned with ``values``."""
     m = static.base_min_signal_length
     state = prime_state(values[:m], timestamps_ns[m - 1], key, static, params)
-
-    def body(carry, xs):
-        y, ts, now, first = xs
-        return step(carry, y, ts, now, static, params, first)
-
-    _, outs = jax.lax.scan(body, state, _primed_scan_inputs(values, timestamps_ns, now_ns, m))
+    _, outs = _scan_steps(state, *_primed_scan_inputs(values, timestamps_ns, now_ns, m), static, params)
     return _with_head(outs, m)
 
 
-def run_panel(values: Float[Array, "B T"], timestamps_ns: Int[Array, "B T"], now_ns: Int[Array, "B T"], key,
-              static, params) -> StepOutput:
-    """``vmap`` over series of :func:`run_series`; every series uses the same root key, so a series' forecasts
-    do not depend on which other series share the panel (vmap parity)."""
-    # static values are closed over, never passed through vmap (not JAX types; rejected once arrays are sharded)
-    return jax.vmap(lambda v, ts, now: run_series(v, ts, now, key, static, params))(values, timestamps_ns, now_ns)
+def _with_panel_clock(kernel: KernelState, key, clock) -> KernelState:
+    """``kernel`` with the panel's key and clock. Every series of a run shares them (one root key, one clock), and
+    closed over as unbatched values inside ``vmap`` they keep a step's random numbers drawn once for the panel
+    and the WTMM stride a branch; taken from a stacked state they would be per-series data."""
+    return eqx.tree_at(lambda k: (k.key, k.clock), kernel, (key, clock))
 
 
-def run_trials(values, timestamps_ns, now_ns, key, static, params_batch) -> StepOutput:
-    """``vmap`` over trials (dynamic parameters with a leading K axis) of :func:`run_panel`."""
-    return jax.vmap(lambda params: run_panel(values, timestamps_ns, now_ns, key, static, params))(params_batch)
+def _panel_clock(kernel: KernelState, lead: int = 1):
+    """The shared key and clock of stacked kernel states (``lead`` stacking axes)."""
+    index = (0,) * lead
+    return kernel.key[index], kernel.clock[index]
 
 
-def _run_series_shared(values, timestamps_ns, now_ns, key, static, kernel_params, params_batch) -> StepOutput:
-    m = static.base_min_signal_length
-    kernel = kernel_prime(values[:m], timestamps_ns[m - 1], key, static, kernel_params)
-    xs = _primed_scan_inputs(values, timestamps_ns, now_ns, m)
+def _scan_steps(state: PredictorState, values, timestamps_ns, now_ns, first, static, params):
+    def body(carry, xs):
+        y, ts, now, is_first = xs
+        return step(carry, y, ts, now, static, params, is_first)
 
-    def body(k, xs):
-        y, ts, now, first = xs
-        return kernel_step(k, y, ts, now, static, kernel_params, first)
-
-    _, tracks = jax.lax.scan(body, kernel, xs)
-
-    def one_trial(params):
-        def fuse(f, inputs):
-            tr, first = inputs
-            return _branch(first, lambda: fusion_start(tr, static, params), lambda: fusion_step(f, tr, static, params))
-
-        _, outs = jax.lax.scan(fuse, _fusion_placeholder(kernel, static, params), (tracks, xs[-1]))
-        return _with_head(outs, m)
-
-    return jax.vmap(one_trial)(params_batch)
+    return jax.lax.scan(body, state, (values, timestamps_ns, now_ns, first))
 
 
-def run_trials_shared(values, timestamps_ns, now_ns, key, static, kernel_params, params_batch) -> StepOutput:
-    """Trials whose kernel-side parameters are identical: ONE kernel pass per series (scan), then ``vmap`` over
-    trials of the fusion scan on the recorded kernel track. Same outputs as :func:`run_trials`."""
-    out = jax.vmap(lambda v, ts, now: _run_series_shared(v, ts, now, key, static, kernel_params, params_batch))(
-        values, timestamps_ns, now_ns)
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
+def run_chunk(states: PredictorState, values: Float[Array, "B C"], timestamps_ns: Int[Array, "B C"],
+              now_ns: Int[Array, "B C"], first: Bool[Array, " C"], static, params,
+              clock: tuple | None = None) -> tuple[PredictorState, StepOutput]:
+    """C steps of a run of B series from stacked states (:func:`prime_batch`, then this function's own): one
+    program serves every series length, the host calling it once per C steps. ``first`` flags the priming step
+    (the first of the first chunk). Outputs have leading axes (B, C)."""
+    key, now_clock = _panel_clock(states.kernel) if clock is None else clock
+
+    def series(state, v, ts, now):
+        state = PredictorState(_with_panel_clock(state.kernel, key, now_clock), state.fusion)
+        return _scan_steps(state, v, ts, now, first, static, params)
+
+    return jax.vmap(series)(states, values, timestamps_ns, now_ns)
+
+
+def prime_trials(histories, timestamps_ns, key, static, params_batch) -> PredictorState:
+    """Primed states of K trials x B series (leading axes K, B): :func:`prime_batch` for each trial's parameters."""
+    return jax.vmap(lambda params: prime_batch(histories, timestamps_ns, key, static, params))(params_batch)
+
+
+def run_trials_chunk(states: PredictorState, values, timestamps_ns, now_ns, first, static,
+                     params_batch) -> tuple[PredictorState, StepOutput]:
+    """:func:`run_chunk` of K trials (dynamic parameters with a leading K axis, states (K, B)); the key and clock
+    stay shared by every trial and series. Outputs have leading axes (K, B, C)."""
+    clock = _panel_clock(states.kernel, lead=2)
+    return jax.vmap(lambda s, params: run_chunk(s, values, timestamps_ns, now_ns, first, static, params, clock))(
+        states, params_batch)
+
+
+class SharedTrialsState(NamedTuple):
+    """A shared-kernel trial run's carry: one kernel state per series (B), a fusion state per series and trial
+    (B, K)."""
+
+    kernel: KernelState
+    fusion: FusionState
+
+
+def prime_trials_shared(histories, timestamps_ns, key, static, kernel_params, params_batch) -> SharedTrialsState:
+    """Trials that agree on every kernel-side parameter: the kernels primed once per series, a placeholder fusion
+    state per trial."""
+
+    def series(history, ts):
+        kernel = kernel_prime(history, ts, key, static, kernel_params)
+        return kernel, jax.vmap(lambda params: _fusion_placeholder(kernel, static, params))(params_batch)
+
+    return SharedTrialsState(*jax.vmap(series)(histories, timestamps_ns))
+
+
+def run_trials_shared_chunk(states: SharedTrialsState, values, timestamps_ns, now_ns, first, static, kernel_params,
+                            params_batch) -> tuple[SharedTrialsState, StepOutput]:
+    """C steps of trials whose kernel-side parameters are identical: ONE kernel pass per series (scan), then
+    ``vmap`` over trials of the fusion scan on the recorded kernel track. Same outputs as :func:`run_trials_chunk`,
+    leading axes (K, B, C)."""
+    key, clock = _panel_clock(states.kernel)
+
+    def series(kernel, fusions, v, ts, now):
+        def kernel_body(k, xs):
+            y, t, n, is_first = xs
+            return kernel_step(k, y, t, n, static, kernel_params, is_first)
+
+        kernel, tracks = jax.lax.scan(kernel_body, _with_panel_clock(kernel, key, clock), (v, ts, now, first))
+
+        def one_trial(f0, params):
+            def fuse(f, inputs):
+                tr, is_first = inputs
+                return _branch(is_first, lambda: fusion_start(tr, static, params),
+                               lambda: fusion_step(f, tr, static, params))
+
+            return jax.lax.scan(fuse, f0, (tracks, first))
+
+        fusions, outs = jax.vmap(one_trial)(fusions, params_batch)
+        return kernel, fusions, outs
+
+    kernels, fusions, outs = jax.vmap(series)(states.kernel, states.fusion, values, timestamps_ns, now_ns)
+    return SharedTrialsState(kernels, fusions), jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)

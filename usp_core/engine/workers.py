@@ -11,7 +11,7 @@ the same scan without them ran twice as fast. Processes share nothing, so two pi
 The workers start on a panel's first split run (a spawn and a JAX start each, then one compile per block
 shape, all workers at once) and stay for the life of the process (they are daemons: they end with it); a
 worker keeps the last few compiled programs, so later runs of the same static config and block shape only
-ship arrays. Outputs are the same as in-process to rounding: ``run_panel`` draws a step's random numbers once
+ship arrays. Outputs are the same as in-process to rounding: a run (``step.run_chunk``) draws a step's random numbers once
 for the whole panel from the predictor's key, so every block draws the same ones.
 
 ``USP_RUN_PROCESSES``: unset, a panel of at least ``MIN_SERIES_STEPS`` series-steps is split over one worker
@@ -122,7 +122,7 @@ def _start_worker(core: int) -> None:
     os.environ["XLA_FLAGS"] = flags
 
 
-_compiled = CompiledPrograms(_COMPILED_KEPT)  # in a worker: (static, shape, dtype, bucket) -> CompiledRun
+_compiled = CompiledPrograms(_COMPILED_KEPT)  # in a worker: (static, batch, dtype, bucket) -> CompiledRun
 
 
 def _run_block(cfg_values: dict[str, Any], values: np.ndarray, timestamps_ns: np.ndarray, now_ns: np.ndarray,
@@ -137,11 +137,11 @@ def _run_block(cfg_values: dict[str, Any], values: np.ndarray, timestamps_ns: np
     if not compile_cache:
         jax.config.update("jax_enable_compilation_cache", False)
     p = Predictor(PredictorConfig(cfg_values), compile_cache=compile_cache)
-    key = (p.static, values.shape, values.dtype.str, bucket)
+    key = (p.static, values.shape[0], values.dtype.str, bucket)  # a compiled run serves every series length
     compiled, fresh = _compiled.get(key, lambda: p.compile_run(values, timestamps_ns, now_ns=now_ns, bucket=bucket))
     if compile_only:
         return compiled.compile_seconds if fresh else 0.0
-    return CompiledRun(p, compiled.executable, compiled.compile_seconds, bucket)(values, timestamps_ns, now_ns=now_ns)
+    return CompiledRun(p, compiled.programs, compiled.compile_seconds, bucket)(values, timestamps_ns, now_ns=now_ns)
 
 
 _pools: dict[int, ProcessPoolExecutor] = {}  # core -> that core's worker

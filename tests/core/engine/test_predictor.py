@@ -257,19 +257,32 @@ def test_batches_pad_to_a_power_of_two_then_to_multiples_of_eight():
     assert [batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 17, 130, 256)] == [1, 2, 4, 8, 8, 16, 24, 136, 256]
 
 
-def test_lengths_pad_to_a_power_of_two_then_to_multiples_of_256():
-    """Padding steps are NaN and sliced off (step == run and causality hold for padded lengths: T = 120 runs as 128)."""
-    from usp_core.engine.predictor import length_bucket
+def test_runs_scan_whole_chunks_from_the_first_forecast():
+    """A run scans from index m - 1 in chunks of ``RUN_CHUNK`` steps (padding steps are NaN and sliced off: step ==
+    run and causality hold for padded lengths), so one program serves every series length."""
+    from usp_core.engine.predictor import RUN_CHUNK, run_steps
 
-    assert [length_bucket(t) for t in (33, 64, 65, 120, 200, 256, 257, 1000, 2000)] == [
-        64, 64, 128, 128, 256, 256, 512, 1024, 2048]
+    for m in (2, 32, 64):
+        for t in range(m, m + 4 * RUN_CHUNK):
+            steps = run_steps(t, m)
+            assert steps % RUN_CHUNK == 0 and t - m + 1 <= steps < t - m + 1 + RUN_CHUNK, (m, t, steps)
 
 
-@pytest.mark.parametrize("program", ["run_panel", "run_trials_shared"])
+def test_one_run_program_serves_every_length(predictor):
+    x = _panel(16, b=2)
+    predictor.run(x)
+    with count_compilations() as counts:
+        short, longer = predictor.run(x[:, :40]), predictor.run(np.concatenate([x, x + 3.0], axis=1))
+    assert sum(counts.values()) == 0, counts
+    np.testing.assert_array_equal(short.prediction, predictor.run(x).prediction[:, :40])
+    assert longer.prediction.shape == (2, 2 * x.shape[1])
+
+
+@pytest.mark.parametrize("program", ["run", "run_trials_shared"])
 def test_a_run_program_traces_each_expert_forecast_once(small_config, monkeypatch, program):
     """A run primes the kernels (``step.kernel_prime``) and makes their first forecasts in the first step of its
-    scan: the forecast code, most of a program's compile time, is traced once per program, not once for the initial
-    state and again for the step."""
+    chunk program: the forecast code, most of a program's compile time, is traced once for the run's two programs,
+    not once for the initial state and again for the step."""
     from collections import Counter
 
     import jax
@@ -287,12 +300,19 @@ def test_a_run_program_traces_each_expert_forecast_once(small_config, monkeypatc
 
     monkeypatch.setattr(step_mod, "EXPERTS", tuple(counting(k) for k in step_mod.EXPERTS))
     p = Predictor(small_config)
-    values, stamps = jax.ShapeDtypeStruct((2, T), p.dtype), jax.ShapeDtypeStruct((2, T), jnp.int64)
-    if program == "run_panel":
-        jax.eval_shape(lambda v, t: step_mod.run_panel(v, t, t, p.key, p.static, p.params), values, stamps)
+    m, c = p.min_history, 8
+    heads, last = jax.ShapeDtypeStruct((2, m), p.dtype), jax.ShapeDtypeStruct((2,), jnp.int64)
+    values, stamps = jax.ShapeDtypeStruct((2, c), p.dtype), jax.ShapeDtypeStruct((2, c), jnp.int64)
+    first = jax.ShapeDtypeStruct((c,), bool)
+    if program == "run":
+        states = jax.eval_shape(lambda h, t: step_mod.prime_batch(h, t, p.key, p.static, p.params), heads, last)
+        jax.eval_shape(lambda s, v, t, f: step_mod.run_chunk(s, v, t, t, f, p.static, p.params), states, values, stamps,
+                       first)
     else:
         trials = {k: jnp.stack([v, v]) for k, v in p.params.items()}
         kernel_side = step_mod.kernel_side(p.params)
-        jax.eval_shape(lambda v, t: step_mod.run_trials_shared(v, t, t, p.key, p.static, kernel_side, trials),
-                       values, stamps)
+        states = jax.eval_shape(lambda h, t: step_mod.prime_trials_shared(h, t, p.key, p.static, kernel_side, trials),
+                                heads, last)
+        jax.eval_shape(lambda s, v, t, f: step_mod.run_trials_shared_chunk(s, v, t, t, f, p.static, kernel_side, trials),
+                       states, values, stamps, first)
     assert traced == {k.name: 1 for k in step_mod.EXPERTS}

@@ -55,7 +55,7 @@ def job(config, out_path):
     runs = {"aot": compiled(values), "run": p.run(values)}
     np.savez(out_path, **{f"single_{k}": v for k, v in single._asdict().items()},
              **{f"{name}_{k}": v for name, out in runs.items() for k, v in out._asdict().items()})
-    return [compiled.processes, compiled.executable is None, len(workers._pools)]
+    return [compiled.processes, compiled.programs is None, len(workers._pools)]
 
 
 if __name__ == "__main__":
