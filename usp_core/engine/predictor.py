@@ -142,14 +142,25 @@ class RunInputs(NamedTuple):
 
     def chunks(self, place) -> Iterator[tuple[Array, ...]]:
         """Each chunk's (values, timestamps, observation times, priming flags), placed on devices by ``place``."""
-        first = np.zeros(RUN_CHUNK, bool)
         for start in range(0, self.steps[0].shape[1], RUN_CHUNK):
-            first[0] = start == 0
+            # a fresh array per chunk: a device array may alias host memory until the computation has read it
+            first = np.arange(RUN_CHUNK) == -start
             yield (*(place(x[:, start:start + RUN_CHUNK]) for x in self.steps), jnp.asarray(first))
 
     def chunk_shapes(self, place) -> tuple[Any, ...]:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            next(self.chunks(place)))
+        return _abstract(next(self.chunks(place)))
+
+
+def _abstract(tree):
+    """Shapes and dtypes of ``tree``'s arrays, with their sharding only where it spans several devices: a
+    one-device sharding would annotate the lowered program, so that it is no longer the one ``jit`` lowers from
+    arrays (another persistent-cache key, another compile)."""
+    def spec(x):
+        sharding = getattr(x, "sharding", None)
+        keep = isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if keep else None)
+
+    return jax.tree.map(spec, tree)
 
 
 class RunPlan(NamedTuple):
@@ -169,7 +180,7 @@ class RunPlan(NamedTuple):
     def compile(self, static, inputs: RunInputs, place) -> RunPrograms:
         """Both programs compiled ahead of time (JAX's lower/compile)."""
         start = self.start_entry.lower(*self.start_args, static=static, **self.start_kwargs).compile()
-        chunk = self.chunk_entry.lower(start.out_info, *inputs.chunk_shapes(place), static=static,
+        chunk = self.chunk_entry.lower(_abstract(start.out_info), *inputs.chunk_shapes(place), static=static,
                                        **self.chunk_kwargs).compile()
         return RunPrograms(start, chunk)
 
