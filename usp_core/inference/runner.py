@@ -2,7 +2,7 @@
 
 Rows of a series are stepped in time order; all series advance together through ``Predictor.advance_batch`` (one
 compiled scan per chunk of up to 256 time indices; the batch is padded as ``Predictor.run`` pads it
-(``batch_bucket``) and chunks to 1, 2, 4, ..., 256 steps, so that panel and file sizes reuse compilations), and a
+(``batch_bucket``) and chunks to 1, 8, 64 or 256 steps, so that panel and file sizes reuse compilations), and a
 series without a row at that index keeps its state. A series without a usable stored state is primed on its history
 (``Predictor.prime_batch``) and makes its first forecasts in the first step of that scan, so a cold start compiles
 no program of its own beyond the priming.
@@ -23,12 +23,21 @@ import pandas as pd
 
 from usp_core.config import PredictorConfig
 from usp_core.engine import step as step_mod
-from usp_core.engine.predictor import Predictor, batch_bucket, next_power_of_two
+from usp_core.engine.predictor import Predictor, batch_bucket
 from usp_core.inference.codec import StateDecodeError, decode_state, encode_state
 from usp_core.inference.store import PredictionStore
 
 HORIZON = 1
-MAX_CHUNK = 256  # time indices per compiled scan of the inference job (lengths padded to 1, 2, 4, ..., 256)
+MAX_CHUNK = 256  # time indices per compiled scan of the inference job
+
+
+def chunk_length(length: int) -> int:
+    """Time indices per compiled scan for ``length`` rows: 1 (the daily row), 8, 64 or ``MAX_CHUNK``. A program per
+    class: a catch-up of a few rows computes a few masked steps more instead of compiling (~20-30 s) again."""
+    chunk = 1
+    while chunk < min(length, MAX_CHUNK):
+        chunk *= 8
+    return min(chunk, MAX_CHUNK)
 REBUILD_STEPS = 2000  # stored values a state rebuilt from history steps through (bounds a config switch's cost)
 FLAG_FIELDS = ("regime_change", "degraded", "emergency", "rejected", "outlier", "stale", "gap", "frozen",
                "mode_collapse_warning")
@@ -290,7 +299,7 @@ def run_inference(
                 # a new series' first file rows are its history (no step), so the plan may hold fewer than the file
                 now[i, max(0, n - int(file_rows[sid])): n] += max(0, int(now_ns) - int(newest))
         batch = _stack([start_states[sid] for sid in ids] + [start_states[ids[0]]] * (b - len(ids)))
-        chunk = min(next_power_of_two(length), MAX_CHUNK)
+        chunk = chunk_length(length)
         for lo in range(0, length, chunk):
             part = slice(lo, lo + chunk)
             pad = chunk - mask[:, part].shape[1]

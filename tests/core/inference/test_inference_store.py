@@ -96,3 +96,9 @@ def test_wrong_columns_is_a_clear_error_and_stores_nothing(tmp_path, small_cfg):
     with pytest.raises(ObservationError, match="series_id"):
         run_inference(f, small_cfg, store)
     assert store.count("quarantine") == 0
+
+
+def test_chunks_fall_in_four_length_classes():
+    from usp_core.inference.runner import MAX_CHUNK, chunk_length
+
+    assert [chunk_length(n) for n in (1, 2, 8, 9, 64, 65, 256, 1000)] == [1, 8, 8, 64, 64, MAX_CHUNK, MAX_CHUNK, MAX_CHUNK]
