@@ -126,10 +126,14 @@ def run_demo(series: int = DEMO_SERIES, length: int = DEMO_LENGTH, trials: int =
 @contextlib.contextmanager
 def _daemon(log_path: Path):
     """``dagster-daemon run`` on the instance for the duration of the block (run queue, sensors, monitoring)."""
+    from usp_pipeline.defs.inference.sensors import POLL_SECONDS_ENV
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
+        # the demo's own daemon looks for the sample file every 5 s (30 s by default)
+        env = {**os.environ, POLL_SECONDS_ENV: os.environ.get(POLL_SECONDS_ENV, "5")}
         proc = subprocess.Popen([_bin("dagster-daemon"), "run", "-m", DEFINITIONS_MODULE], stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env=env)
     try:
         yield proc
     finally:

@@ -3,10 +3,11 @@
 import json
 
 import dagster as dg
+import pytest
 
 from usp_pipeline.defs.common.resources import WorkloadResource
 from usp_pipeline.defs.common.sensors import record_failure
-from usp_pipeline.defs.inference.sensors import incoming_files_sensor
+from usp_pipeline.defs.inference.sensors import POLL_SECONDS_ENV, incoming_files_sensor, incoming_poll_seconds
 
 
 def _evaluate(tmp_path, cursor=None):
@@ -65,3 +66,13 @@ def test_promoted_config_sensor_requests_refresh_only_on_promotion():
     ctx = dg.build_sensor_context(instance=instance, definitions=defs, cursor=first.cursor)
     result = sensor.evaluate_tick(ctx)
     assert [r.run_key for r in result.run_requests] == ["champion-v2"]
+
+
+def test_the_polling_interval_follows_the_environment(monkeypatch):
+    monkeypatch.delenv(POLL_SECONDS_ENV, raising=False)
+    assert incoming_poll_seconds() == 30
+    monkeypatch.setenv(POLL_SECONDS_ENV, "5")
+    assert incoming_poll_seconds() == 5
+    monkeypatch.setenv(POLL_SECONDS_ENV, "0")
+    with pytest.raises(ValueError, match=POLL_SECONDS_ENV):
+        incoming_poll_seconds()

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -10,6 +11,15 @@ from usp_pipeline.defs.common.jobs import inference_job
 from usp_pipeline.defs.common.resources import WorkloadResource
 
 INCOMING_SUFFIXES = (".csv", ".parquet")
+POLL_SECONDS_ENV = "USP_INCOMING_POLL_SECONDS"
+
+
+def incoming_poll_seconds() -> int:
+    """How often the sensor looks into the incoming folder: ``$USP_INCOMING_POLL_SECONDS``, default 30."""
+    seconds = int(os.environ.get(POLL_SECONDS_ENV, "30"))
+    if seconds < 1:
+        raise ValueError(f"{POLL_SECONDS_ENV} must be a whole number of seconds >= 1, got {seconds}")
+    return seconds
 
 
 def file_sha256(path: Path) -> str:
@@ -38,7 +48,8 @@ def scan_incoming(directory: Path, cursor: str | None) -> tuple[list[tuple[Path,
     return new, json.dumps(seen, sort_keys=True)
 
 
-@dg.sensor(job=inference_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(job=inference_job, minimum_interval_seconds=incoming_poll_seconds(),
+           default_status=dg.DefaultSensorStatus.RUNNING,
            description="Runs inference_job once per new or modified file in data/incoming/ (run_key = sha256).")
 def incoming_files_sensor(context: dg.SensorEvaluationContext, workload: WorkloadResource) -> dg.SensorResult:
     directory = workload.incoming_path()
