@@ -122,7 +122,7 @@ def batch_bucket(b: int) -> int:
 def run_steps(t: int, min_history: int) -> int:
     """Steps a run of length ``t`` scans: from index ``min_history - 1`` on, padded to a multiple of
     ``RUN_CHUNK`` (a short run costs less than a compile)."""
-    return _bucket(t - min_history + 1, RUN_CHUNK) if t - min_history + 1 > RUN_CHUNK else RUN_CHUNK
+    return -(-(t - min_history + 1) // RUN_CHUNK) * RUN_CHUNK
 
 
 def _placeholder_head(x: np.ndarray, axis: int, length: int) -> np.ndarray:
@@ -144,7 +144,8 @@ class RunInputs(NamedTuple):
         """Each chunk's (values, timestamps, observation times, priming flags), placed on devices by ``place``."""
         for start in range(0, self.steps[0].shape[1], RUN_CHUNK):
             # a fresh array per chunk: a device array may alias host memory until the computation has read it
-            first = np.arange(RUN_CHUNK) == -start
+            first = np.zeros(RUN_CHUNK, bool)
+            first[0] = start == 0
             yield (*(place(x[:, start:start + RUN_CHUNK]) for x in self.steps), jnp.asarray(first))
 
     def chunk_shapes(self, place) -> tuple[Any, ...]:
@@ -381,8 +382,8 @@ class Predictor:
     def compile_run(self, values, timestamps_ns=None, *, now_ns=None, bucket: bool = True) -> CompiledRun:
         """``run``'s programs compiled ahead of time for the batch shape of ``values`` (JAX's AOT lower/compile):
         the returned callable runs any input with that (bucketed) number of series, of any length, without
-        tracing, and says how long the compilation took. A panel that ``run`` splits over worker processes is compiled in each worker for
-        its block (all at once; the seconds are the wall time, worker start included)."""
+        tracing, and says how long the compilation took. A panel that ``run`` splits over worker processes is
+        compiled in each worker for its block (all at once; the seconds are the wall time, worker start included)."""
         host = self._host_arrays(values, timestamps_ns, now_ns)
         processes = self._split_processes(host)
         if processes > 1:

@@ -648,11 +648,11 @@ def _scan_steps(state: PredictorState, values, timestamps_ns, now_ns, first, sta
 
 def run_chunk(states: PredictorState, values: Float[Array, "B C"], timestamps_ns: Int[Array, "B C"],
               now_ns: Int[Array, "B C"], first: Bool[Array, " C"], static, params,
-              clock: tuple | None = None) -> tuple[PredictorState, StepOutput]:
+              panel_clock: tuple | None = None) -> tuple[PredictorState, StepOutput]:
     """C steps of a run of B series from stacked states (:func:`prime_batch`, then this function's own): one
     program serves every series length, the host calling it once per C steps. ``first`` flags the priming step
     (the first of the first chunk). Outputs have leading axes (B, C)."""
-    key, now_clock = _panel_clock(states.kernel) if clock is None else clock
+    key, now_clock = _panel_clock(states.kernel) if panel_clock is None else panel_clock
 
     def series(state, v, ts, now):
         state = PredictorState(_with_panel_clock(state.kernel, key, now_clock), state.fusion)
@@ -670,8 +670,8 @@ def run_trials_chunk(states: PredictorState, values, timestamps_ns, now_ns, firs
                      params_batch) -> tuple[PredictorState, StepOutput]:
     """:func:`run_chunk` of K trials (dynamic parameters with a leading K axis, states (K, B)); the key and clock
     stay shared by every trial and series. Outputs have leading axes (K, B, C)."""
-    clock = _panel_clock(states.kernel, lead=2)
-    return jax.vmap(lambda s, params: run_chunk(s, values, timestamps_ns, now_ns, first, static, params, clock))(
+    panel_clock = _panel_clock(states.kernel, lead=2)
+    return jax.vmap(lambda s, params: run_chunk(s, values, timestamps_ns, now_ns, first, static, params, panel_clock))(
         states, params_batch)
 
 
