@@ -39,6 +39,8 @@ class KernelState(eqx.Module):
     kernel_predictions: Float[Array, " k"]  # the experts' forecasts of the next value (finite, SPEC §3.13)
     kernel_sigmas: Float[Array, " k"]
     expert_ok: Bool[Array, " k"]  # False where an expert's raw output was not finite (replaced by the last value)
+    raw_increments: Float[Array, " j"]  # each kernel's unshrunk forecast minus the last value, over the window scale
+    increment_moments: Float[Array, "4 j"]  # evidence for each kernel's increments (usp_core.engine.shrinkage)
     analysis_buffer: Float[Array, " L"]  # last L accepted observations (the Hoelder estimate's), right-aligned
     analysis_count: Int[Array, ""]  # filled entries of analysis_buffer
     holder_exponent: Float[Array, ""]  # of analysis_buffer, refreshed every wtmm_stride steps

@@ -20,7 +20,7 @@ from jax.scipy.special import ndtri
 from jaxtyping import Array, Bool, Float, Int
 
 from usp_core.config.schema import FIELDS
-from usp_core.engine import adaptive, cusum, fusion, gate
+from usp_core.engine import adaptive, cusum, fusion, gate, shrinkage
 from usp_core.engine.state import (
     NUM_EXPERTS,
     FusionState,
@@ -178,7 +178,8 @@ def kernel_prime(history: Float[Array, " m"], timestamp_ns: Int[Array, ""], key,
     return KernelState(
         window=window, kernel_carries=carries, kernel_predictions=jnp.zeros((NUM_EXPERTS,), dtype),
         kernel_sigmas=jnp.ones((NUM_EXPERTS,), dtype), expert_ok=jnp.ones((NUM_EXPERTS,), bool),
-        analysis_buffer=buffer, analysis_count=count,
+        raw_increments=jnp.zeros((NUM_KERNELS,), dtype),
+        increment_moments=shrinkage.initial_moments(NUM_KERNELS, dtype), analysis_buffer=buffer, analysis_count=count,
         holder_exponent=jnp.asarray(0.5, dtype), dgm_entropy=jnp.zeros((), dtype),
         mode_collapse=false, degraded=false, clean_streak=zero_i, frozen=false, reference_variance=jnp.var(window),
         last_timestamp_ns=jnp.asarray(timestamp_ns, jnp.int64), cadence_ns=jnp.zeros((), dtype),
@@ -355,11 +356,16 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     aug = _with_adaptive(params, k.holder_exponent)
     preds, sigmas, ok, meta, carries = _forecast_all(window, k.kernel_carries, forecast_key, static, aug,
                                                      accept=~rejected)
+    previous_scale, scale = _window_scale(k.window, params), _window_scale(window, params)
+    moments = shrinkage.updated_moments(k.increment_moments, k.raw_increments, (y_ok - k.window[-1]) / previous_scale,
+                                        k.expert_ok[:NUM_KERNELS] & ~jnp.asarray(first))
+    raw_increments = (preds[:NUM_KERNELS] - y_ok) / scale
+    preds = preds.at[:NUM_KERNELS].set(y_ok + shrinkage.shrinkage_factor(moments) * (preds[:NUM_KERNELS] - y_ok))
     entropy, collapsed = _entropy_metadata(meta, dtype)
     clock = k.clock + 1
     accepted = KernelState(
         window=window, kernel_carries=k.kernel_carries, kernel_predictions=preds, kernel_sigmas=sigmas, expert_ok=ok,
-        analysis_buffer=buffer, analysis_count=count,
+        raw_increments=raw_increments, increment_moments=moments, analysis_buffer=buffer, analysis_count=count,
         holder_exponent=_refreshed_holder(k.holder_exponent, buffer, count, clock, static, params), dgm_entropy=entropy,
         mode_collapse=collapsed,
         degraded=degraded, clean_streak=clean_streak, frozen=frozen,
@@ -377,7 +383,7 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
     track = KernelTrack(
         rejected=rejected, non_finite=decision.non_finite, outlier=decision.outlier,
         out_of_order=decision.out_of_order, stale=decision.stale, gap=decision.gap, frozen=new.frozen,
-        degraded=new.degraded, value=y_ok, center=jnp.mean(k.window), scale=_window_scale(k.window, params),
+        degraded=new.degraded, value=y_ok, center=jnp.mean(k.window), scale=previous_scale,
         increment_scale=_window_scale(jnp.diff(k.window), params), increment_variance=jnp.var(jnp.diff(new.window)),
         prev_predictions=k.kernel_predictions, prev_sigmas=k.kernel_sigmas,
         prev_holder_exponent=k.holder_exponent, predictions=new.kernel_predictions, sigmas=new.kernel_sigmas,

@@ -79,11 +79,12 @@ def _with_dtype(config, dtype: str):
     return config.replace({"kernels.dgm_dtype": dtype, "kernels.kernel_a_dtype": dtype})
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [("float64", 1e-12), ("float32", 1e-6)])
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float64", 1e-12), ("float32", 1e-5)])
 def test_vmap_parity(small_config, dtype, tolerance):
     """A series' outputs do not depend on the panel it runs in. In float64 to rounding; a float32 DGM (the
     default) sums in a batch-shape-dependent order (~1e-8 relative, measured 9e-9 here), which its online Adam
-    steps can amplify over long runs, so the float32 bound is looser."""
+    steps and the increment shrinkage's t statistic (usp_core.engine.shrinkage) amplify over a run (3.7e-6 relative
+    in one weight of 576 here), so the float32 bound is looser."""
     predictor = Predictor(_with_dtype(small_config, dtype))
     x = _panel(6)
     together = predictor.run(x)
