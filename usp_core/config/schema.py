@@ -113,7 +113,7 @@ FIELDS: tuple[Field, ...] = (
     _f("orchestration", "fusion_temperature", 0.02, 1e-3, 100.0, "Temperature of the Gibbs target softmax(-L / T)."),
     _f("orchestration", "scale_temperature", 0.02, 1e-3, 100.0,
        "Temperature of the sigma pool's weights softmax(-L_sigma / T) over the candidate sigmas' CRPS."),
-    _f("orchestration", "selection_rate", 1.0, 1e-2, 100.0,
+    _f("orchestration", "selection_rate", 0.5, 1e-2, 100.0,
        "Learning rate eta of the final selection: weights softmax(-eta S) over the fused forecast and each expert whole."),
     _f("orchestration", "selection_memory", 1000.0, 10.0, 1e6,
        "Span of the discounted CRPS sums S of the final selection (never reset: which method suits a series is stable)."),
