@@ -55,11 +55,20 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None = No
     return found.experiment_id
 
 
+DATABASE_SCHEMES = frozenset({"postgresql", "mysql", "mssql"})
+"""SQLAlchemy dialects MLflow accepts as a backend store besides SQLite."""
+
+
 def default_artifact_root(tracking_uri: str) -> str | None:
-    """Artifacts next to a local SQLite store; servers choose their own."""
+    """Artifacts next to a local SQLite store, under ``dagster_home/mlflow/artifacts`` for another database store
+    used without a server (MLflow's own default is ``./mlruns`` of whatever directory the process runs in); a
+    server or a file store chooses its own."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         return (db.parent / "artifacts").resolve().as_uri()
+    scheme = tracking_uri.partition(":")[0].partition("+")[0]
+    if scheme in DATABASE_SCHEMES:
+        return (dagster_home() / "mlflow" / "artifacts").resolve().as_uri()
     return None
 
 

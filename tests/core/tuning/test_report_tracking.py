@@ -84,3 +84,18 @@ def test_parent_run_is_reopened_by_the_same_study_only(tmp_path):
     for parent, n in ((first, 4), (other, 2)):
         assert len(client.search_runs([client.get_run(parent).info.experiment_id],
                                       f"tags.mlflow.parentRunId = '{parent}'")) == n
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("sqlite:///{home}/store/mlflow.db", "{home}/store/artifacts"),
+    ("postgresql+psycopg2://postgres@127.0.0.1:5432/test", "{home}/dagster_home/mlflow/artifacts"),
+    ("mysql://u@db/mlflow", "{home}/dagster_home/mlflow/artifacts"),
+    ("http://127.0.0.1:5000", None),
+    ("file:///{home}/mlruns", None),
+])
+def test_artifacts_never_land_in_the_working_directory(tmp_path, monkeypatch, uri, expected):
+    from usp_core.tuning.tracking import default_artifact_root
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    root = default_artifact_root(uri.format(home=tmp_path))
+    assert root == (None if expected is None else Path(expected.format(home=tmp_path)).resolve().as_uri())
