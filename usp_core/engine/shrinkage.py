@@ -29,12 +29,13 @@ exactly, and its t statistic says nothing."""
 SHRINKAGE_STRENGTH = 2.0
 """James-Stein strength: a coefficient within sqrt(2) standard errors of 0 gives the last value."""
 
+
 def initial_moments(num_kernels: int, dtype) -> Float[Array, "4 k"]:
     return jnp.zeros((4, num_kernels), dtype)
 
 
 def updated_moments(moments: Float[Array, "4 k"], predicted: Float[Array, " k"], realised: Float[Array, ""],
-                    weight: Float[Array, " k"] | Bool[Array, " k"]) -> Float[Array, "4 k"]:
+                    weight: Bool[Array, " k"]) -> Float[Array, "4 k"]:
     """The discounted sums of d^2, d e, e^2 and the pairs' mass, with one more pair where ``weight``."""
     pair = jnp.stack([predicted**2, predicted * realised, jnp.broadcast_to(realised**2, predicted.shape),
                       jnp.ones_like(predicted)])

@@ -30,6 +30,10 @@ from usp_core.inference.store import PredictionStore
 HORIZON = 1
 MAX_CHUNK = 256  # time indices per compiled scan of the inference job
 
+REBUILD_STEPS = 2000  # stored values a state rebuilt from history steps through (bounds a config switch's cost)
+FLAG_FIELDS = ("regime_change", "degraded", "emergency", "rejected", "outlier", "stale", "gap", "frozen",
+               "mode_collapse_warning")
+
 
 def chunk_length(length: int) -> int:
     """Time indices per compiled scan for ``length`` rows: 1 (the daily row), 8, 64 or ``MAX_CHUNK``. A program per
@@ -38,9 +42,6 @@ def chunk_length(length: int) -> int:
     while chunk < min(length, MAX_CHUNK):
         chunk *= 8
     return min(chunk, MAX_CHUNK)
-REBUILD_STEPS = 2000  # stored values a state rebuilt from history steps through (bounds a config switch's cost)
-FLAG_FIELDS = ("regime_change", "degraded", "emergency", "rejected", "outlier", "stale", "gap", "frozen",
-               "mode_collapse_warning")
 
 
 @dataclass
