@@ -11,7 +11,8 @@ gate adds hysteresis (exit above threshold + ``holder_hysteresis``) and runs on 
 a series; ``bench/dev_stretches.py`` reports its emergency fractions. ``--splices`` runs the default predictor
 on the SPEC §3.7 acceptance scenario: a 700-value segment with H = 0.15 spliced into white noise, as fGn (the
 increments) and as fBm (the path), and prints the emergency fraction before, inside (from 64 and from 256
-values after its start) and 300 values after the segment.
+values after its start) and 300 values after the segment. ``--fill`` reads the simulated processes on buffers holding
+only their newest 64, 128 or 256 values (the engine arms the circuit breaker once the buffer is full).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--series", nargs="*", default=None, help="dev series (default: all)")
     parser.add_argument("--no-simulated", action="store_true")
     parser.add_argument("--splices", action="store_true", help="run the spliced-segment scenario instead")
+    parser.add_argument("--fill", action="store_true", help="simulated processes on partially filled buffers")
     args = parser.parse_args()
     if args.splices:
         splices()
@@ -78,19 +80,30 @@ def main() -> None:
 
     @jax.jit
     @jax.vmap
-    def readings(buffer):
-        n = jnp.asarray(length, jnp.int32)
+    def readings(buffer, n):
         return (wtmm.wtmm_exponent(buffer, n, static, params), wtmm.wtmm_exponent(wtmm.profile(buffer, n), n, static, params),
                 wtmm.holder_exponent(buffer, n, static, params))
 
-    def report(name: str, windows: np.ndarray) -> None:
-        level, prof, h = map(np.asarray, readings(jnp.asarray(windows)))
+    def report(name: str, windows: np.ndarray, fill: int = length) -> None:
+        partial = np.zeros_like(windows)
+        partial[:, length - fill:] = windows[:, length - fill:]
+        level, prof, h = map(np.asarray, readings(jnp.asarray(partial), jnp.full(len(windows), fill, jnp.int32)))
         near_one = np.mean((prof > 0.9) & (prof < 1.3))
         print(f"{name:24s} {len(windows):5d} {np.median(level):6.2f} {np.median(prof):6.2f} "
-              f"[{np.quantile(prof, 0.1):.2f}, {np.quantile(prof, 0.9):.2f}] {near_one:8.2f} {np.mean(h < threshold):8.2f}")
+              f"[{np.quantile(prof, 0.1):.2f}, {np.quantile(prof, 0.9):.2f}] {near_one:8.2f} {np.mean(h < threshold):8.2f}"
+              f" {np.std(h):6.2f}")
 
+    if args.fill:
+        print(f"buffer {length} holding its newest n values, holder_threshold {threshold}")
+        print(f"{'process, n':24s} {'wins':>5s} {'level':>6s} {'prof':>6s} {'prof 10-90 %':>12s} {'near 1':>8s} "
+              f"{'H < thr':>8s} {'sd H':>6s}")
+        for name, windows in simulated(length, count=256).items():
+            for fill in (64, 128, length):
+                report(f"{name}, {fill}", windows, fill)
+        return
     print(f"buffer {length}, holder_threshold {threshold}")
-    print(f"{'series':24s} {'wins':>5s} {'level':>6s} {'prof':>6s} {'prof 10-90 %':>12s} {'near 1':>8s} {'H < thr':>8s}")
+    print(f"{'series':24s} {'wins':>5s} {'level':>6s} {'prof':>6s} {'prof 10-90 %':>12s} {'near 1':>8s} {'H < thr':>8s} "
+          f"{'sd H':>6s}")
     if args.series is None or args.series:
         full, _ = load_dev_panel(tuple(args.series) if args.series else None)
         for name, g in full.groupby("series_id", sort=True):

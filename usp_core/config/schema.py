@@ -142,7 +142,7 @@ FIELDS: tuple[Field, ...] = (
     _f("orchestration", "kurtosis_min", 1.0, 1.0, 10.0, "Lower clip of the residual kurtosis."),
     _f("orchestration", "kurtosis_max", 50.0, 3.0, 1000.0, "Upper clip of the residual kurtosis."),
     # -- orchestration: adaptive layer, modes (SPEC 3.7, 3.9) -------------------------------------------
-    _f("orchestration", "holder_threshold", 0.3, 0.0, 1.0, "Emergency when the Hoelder exponent drops below this.",
+    _f("orchestration", "holder_threshold", 0.28, 0.0, 1.0, "Emergency when the Hoelder exponent drops below this.",
        tier="deep", search_low=0.2, search_high=0.65),
     _f("orchestration", "holder_hysteresis", 0.05, 0.0, 0.5, "Emergency exits only above holder_threshold + this."),
     _f("orchestration", "robustness_dimension_threshold", 1.9, 1.0, 2.0,

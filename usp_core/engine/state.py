@@ -140,6 +140,7 @@ class KernelTrack(NamedTuple):
     prev_predictions: Float[Array, " k"]  # expert forecasts of this observation
     prev_sigmas: Float[Array, " k"]
     prev_holder_exponent: Float[Array, ""]
+    analysis_full: Bool[Array, ""]  # the analysis buffer was full before this observation (arms the circuit breaker)
     predictions: Float[Array, " k"]  # expert forecasts of the next observation
     sigmas: Float[Array, " k"]
     expert_ok: Bool[Array, " k"]

@@ -386,7 +386,8 @@ def kernel_step(k: KernelState, y: Float[Array, ""], timestamp_ns: Int[Array, ""
         degraded=new.degraded, value=y_ok, center=jnp.mean(k.window), scale=previous_scale,
         increment_scale=_window_scale(jnp.diff(k.window), params), increment_variance=jnp.var(jnp.diff(new.window)),
         prev_predictions=k.kernel_predictions, prev_sigmas=k.kernel_sigmas,
-        prev_holder_exponent=k.holder_exponent, predictions=new.kernel_predictions, sigmas=new.kernel_sigmas,
+        prev_holder_exponent=k.holder_exponent, analysis_full=k.analysis_count >= k.analysis_buffer.shape[-1],
+        predictions=new.kernel_predictions, sigmas=new.kernel_sigmas,
         expert_ok=new.expert_ok,
         holder_exponent=new.holder_exponent, dgm_entropy=new.dgm_entropy, mode_collapse=new.mode_collapse)
     return new, track
@@ -417,7 +418,7 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
                             grace_period=params["grace_period_steps"])
 
     # emergency from the Hoelder exponent of the previous step's window (known before y_t arrives)
-    emergency = gate.emergency_update(f.emergency, tr.prev_holder_exponent,
+    emergency = gate.emergency_update(f.emergency, tr.prev_holder_exponent, tr.analysis_full,
                                       holder_threshold=params["holder_threshold"],
                                       holder_hysteresis=params["holder_hysteresis"],
                                       dimension_threshold=params["robustness_dimension_threshold"])

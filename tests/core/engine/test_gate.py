@@ -101,11 +101,21 @@ def test_emergency_enters_and_exits_with_hysteresis():
     kw = dict(holder_threshold=0.4, holder_hysteresis=0.05, dimension_threshold=1.9)
     e = jnp.asarray(False)
     seen = []
+    armed = jnp.asarray(True)
     for h in [0.5, 0.35, 0.42, 0.44, 0.46, 0.41]:
-        e = gate.emergency_update(e, jnp.asarray(h), **kw)
+        e = gate.emergency_update(e, jnp.asarray(h), armed, **kw)
         seen.append(bool(e))
     assert seen == [False, True, True, True, False, False]
-    assert bool(gate.emergency_update(jnp.asarray(False), jnp.asarray(0.05), **(kw | {"holder_threshold": 0.0})))
+    assert bool(gate.emergency_update(jnp.asarray(False), jnp.asarray(0.05), armed, **(kw | {"holder_threshold": 0.0})))
+
+
+def test_emergency_enters_only_when_armed_and_exits_regardless():
+    kw = dict(holder_threshold=0.4, holder_hysteresis=0.05, dimension_threshold=1.9)
+    rough, smooth = jnp.asarray(0.1), jnp.asarray(0.6)
+    assert not bool(gate.emergency_update(jnp.asarray(False), rough, jnp.asarray(False), **kw))
+    assert bool(gate.emergency_update(jnp.asarray(False), rough, jnp.asarray(True), **kw))
+    assert bool(gate.emergency_update(jnp.asarray(True), rough, jnp.asarray(False), **kw))
+    assert not bool(gate.emergency_update(jnp.asarray(True), smooth, jnp.asarray(False), **kw))
 
 
 def test_operating_mode_priority():

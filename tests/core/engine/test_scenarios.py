@@ -97,25 +97,59 @@ def test_persistent_level_shift_alarms_once_and_recentres(predictor):
     np.testing.assert_allclose(out.weights[after[0]], expected)
 
 
-def test_emergency_forces_kernel_d_on_a_rough_segment_and_exits(small_config):
-    """SPEC §3.7 rev. 2: white noise is not rough (emergency on <= 5 % of its steps); a spliced segment of fGn
-    with H = 0.15 is, once the analysis buffer (wtmm_buffer_size = 256 by default) holds it; emergency forces
-    Kernel D, shows as mode 2, and exits after the segment with the hysteresis."""
-    cfg = small_config.replace({"kernels.wtmm_buffer_size": 256, "orchestration.holder_threshold": 0.3})
+@pytest.fixture(scope="module")
+def breaker_runs(small_config):
+    """One run of the SPEC §3.7 acceptance processes, each from its first value, with the default analysis buffer
+    (256), threshold and hysteresis: rows 0-2 white noise, 3-4 AR(1) phi = -0.3, 5-6 AR(1) phi = 0.5, 7-8 GARCH(1,1) returns,
+    9-10 Brownian motion, 11-12 OU theta = 0.1, 13 fGn H = 0.15 throughout, 14 white noise with a 700-value fGn
+    H = 0.15 segment spliced in at 600."""
+    cfg = small_config.replace({"kernels.wtmm_buffer_size": 256})
+    n = 2000
+    noise = synthetic.fractional_gaussian_noise(n + 700, 0.5, seed=1)
+    rows = [
+        *synthetic.fractional_gaussian_noise(n, 0.5, seed=40, batch=3),
+        *synthetic.ar_process(n, [-0.3], seed=41, batch=2),
+        *synthetic.ar_process(n, [0.5], seed=42, batch=2),
+        *synthetic.garch_returns(n, seed=43, batch=2),
+        *(synthetic.brownian_motion(n, seed=44, batch=2) + 50.0),
+        *synthetic.ornstein_uhlenbeck(n, theta=0.1, sigma=1.0, seed=45, batch=2),
+        synthetic.fractional_gaussian_noise(n, 0.15, seed=46),
+        np.concatenate([noise[:600], synthetic.fractional_gaussian_noise(700, 0.15, seed=2), noise[600:n - 700]]),
+    ]
     p = Predictor(cfg)
-    noise = synthetic.fractional_gaussian_noise(1900, 0.5, seed=1)
-    rough = synthetic.fractional_gaussian_noise(700, 0.15, seed=2)
-    x = np.concatenate([noise[:600], rough, noise[600:]])
-    out = p.run(x)
-    assert out.emergency[64:600].mean() <= 0.05
-    assert out.emergency[600 + 256:1300].mean() >= 0.8
-    assert out.emergency[1300 + 300:].mean() <= 0.05
-    np.testing.assert_array_equal(out.weights[out.emergency],
-                                  np.broadcast_to([0, 0, 0, 1.0, 0, 0], (out.emergency.sum(), 6)))
-    assert (out.mode[out.emergency] == 2).all()
-    left = np.flatnonzero(np.diff(out.emergency.astype(int)) == -1) + 1
+    return cfg, p, p.run(np.stack(rows))
+
+
+def test_emergency_forces_kernel_d_on_a_rough_segment_and_exits(breaker_runs):
+    """SPEC §3.7 rev. 2: a spliced segment of fGn with H = 0.15 is rough once the analysis buffer holds it;
+    emergency forces Kernel D, shows as mode 2, and exits after the segment with the hysteresis."""
+    cfg, _, out = breaker_runs
+    emergency, weights, mode, holder = (np.asarray(a)[14] for a in (out.emergency, out.weights, out.mode,
+                                                                     out.holder_exponent))
+    assert emergency[64:600].mean() <= 0.05
+    assert emergency[600 + 256:1300].mean() >= 0.8
+    assert emergency[1300 + 300:].mean() <= 0.05
+    np.testing.assert_array_equal(weights[emergency], np.broadcast_to([0, 0, 0, 1.0, 0, 0], (emergency.sum(), 6)))
+    assert (mode[emergency] == 2).all()
+    left = np.flatnonzero(np.diff(emergency.astype(int)) == -1) + 1
     for t in left:
-        assert out.holder_exponent[t - 1] > 0.3 + cfg["orchestration.holder_hysteresis"]
+        assert holder[t - 1] > cfg["orchestration.holder_threshold"] + cfg["orchestration.holder_hysteresis"]
+
+
+def test_emergency_stays_rare_on_noise_like_processes_and_waits_for_a_full_buffer(breaker_runs):
+    """SPEC §3.7 rev. 2 acceptance: emergency on <= 5 % of the steps of white noise, AR(1), GARCH returns,
+    Brownian motion and OU, counted from the first forecast. The breaker is armed once the analysis buffer is full
+    (before, the estimate's spread on white noise is up to twice as large: a series' first steps tripped it);
+    a series rough from its first value trips it from then on."""
+    _, p, out = breaker_runs
+    emergency = np.asarray(out.emergency)
+    full = 256 - 1  # output t is the state after value t: the buffer holds 256 values from t = 255
+    assert not emergency[:, :full + 1].any()
+    processes = {"white noise": [0, 1, 2], "ar(1) -0.3": [3, 4], "ar(1) 0.5": [5, 6], "garch": [7, 8],
+                 "brownian motion": [9, 10], "ou": [11, 12]}
+    fractions = {name: float(emergency[rows, p.min_history:].mean()) for name, rows in processes.items()}
+    assert all(f <= 0.05 for f in fractions.values()), fractions
+    assert emergency[13, full + 64:].mean() >= 0.8
 
 
 def test_holder_exponent_is_refreshed_every_stride_steps(predictor, small_config):
