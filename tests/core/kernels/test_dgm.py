@@ -64,7 +64,10 @@ def test_contract_finite_and_vmappable(small_cfg, series):
     assert np.all(np.asarray(result.sigma) > 0)
     assert float(result.prediction[1]) == pytest.approx(7.0, rel=1e-9)
     single = _init_and_forecast(batch[0], static, params, keys[0])
-    np.testing.assert_allclose(_outputs(single), _outputs(jax.tree.map(lambda a: a[0], result)), rtol=1e-9)
+    # XLA:CPU may vectorise a batched float32 network differently from a single one (measured 8e-8 relative on
+    # an AMD EPYC host, bit-identical on another), so float32 parity is to its rounding, float64's to 1e-9
+    rtol = 1e-9 if small_cfg["kernels.dgm_dtype"] == "float64" else 1e-6
+    np.testing.assert_allclose(_outputs(single), _outputs(jax.tree.map(lambda a: a[0], result)), rtol=rtol)
     # The carry holds arrays only and keeps its structure and shapes (the engine carries it in lax.scan).
     fresh = dgm.init_carry(batch[0, :-1], static, params, keys[0])
     assert jax.tree.structure(single.carry) == jax.tree.structure(fresh)
