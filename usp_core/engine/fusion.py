@@ -112,3 +112,11 @@ def gaussian_crps(y, mean, sigma):
     (Gneiting & Raftery 2007, eq. 21): the proper score the dev-set targets are measured in."""
     z = (y - mean) / sigma
     return sigma * (z * jax.scipy.special.erf(z / jnp.sqrt(2.0)) + 2.0 * jax.scipy.stats.norm.pdf(z) - 1.0 / jnp.sqrt(jnp.pi))
+
+
+def crps_log_sigma_gradient(z):
+    """dCRPS / dlog sigma of N(mean, sigma^2) at y, per unit sigma: 2 phi(z) - 1 / sqrt(pi), z = (y - mean) / sigma
+    (differentiate :func:`gaussian_crps`; the z-terms cancel). Zero in expectation at the CRPS-optimal sigma: the
+    true one for Gaussian errors, narrower than the one that covers 95 % for heavy-tailed errors."""
+    return 2.0 * jax.scipy.stats.norm.pdf(z) - 1.0 / jnp.sqrt(jnp.pi)
+

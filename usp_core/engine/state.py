@@ -74,7 +74,7 @@ class FusionState(eqx.Module):
     log_interval_scale: Float[Array, ""]  # log c of the fused sigma's coverage tracker
     garch_variance: Float[Array, ""]  # GARCH(1,1) factor g on (e / (pooled_sigma c))^2 (SPEC §3.12)
     selection_score: Float[Array, " k1"]  # discounted CRPS sums: the fused forecast, then each expert whole
-    log_selection_scale: Float[Array, ""]  # log of the coverage tracker's scale of the selected sigma
+    log_selection_scale: Float[Array, ""]  # log of the CRPS tracker's scale of the selected sigma
     log_interval_width: Float[Array, ""]  # log of the output interval's half-width over z output_sigma
     output_forecast: Float[Array, ""]  # the selected forecast: the prediction the step outputs
     output_sigma: Float[Array, ""]

@@ -132,6 +132,13 @@ def _selection_weights(score, params, ok, force_fused) -> Float[Array, " k1"]:
     return jnp.where(force_fused, jnp.zeros_like(weights).at[0].set(1.0), weights)
 
 
+def _crps_scale_step(log_scale, z, rate) -> Float[Array, ""]:
+    """A stochastic gradient step of the CRPS on log sigma (:func:`fusion.crps_log_sigma_gradient`). Under Gaussian z
+    its standard deviation is 0.222 rate, the coverage tracker's 0.218 rate at 95 %, so the same rates serve both."""
+    step = -rate * fusion.crps_log_sigma_gradient(z)
+    return jnp.clip(log_scale + step, -_LOG_INTERVAL_SCALE_BOUND, _LOG_INTERVAL_SCALE_BOUND)
+
+
 def _coverage_step(log_scale, missed, rate, params) -> Float[Array, ""]:
     """Interval scale c by coverage tracking (adaptive conformal inference, Gibbs & Candes 2021): log c rises by
     rate (1 - level) when the interval missed and falls by rate level otherwise, so the long-run miss rate is
@@ -488,20 +495,22 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     # Lugosi 2006, ch. 2) over the fused forecast and each expert whole (its mean with its own sigma), on discounted CRPS
     # sums. The fusion's softmax over mean losses cannot resolve the 1-2 % CRPS differences that separate a
     # GARCH-like expert from the fused forecast on returns; sums over a long memory can, without a temperature
-    # small enough to chase noise. Its interval has its own coverage tracker (the experts' sigmas are raw).
+    # small enough to chase noise. Its sigma has a scale of its own (the experts' sigmas are raw), tracked on the
+    # CRPS gradient rather than on coverage: on random-walk levels the coverage-tracked sigma was a few % wider
+    # than the best expert's and lost it the CRPS (dev newest +0.1600 -> +0.1627, older +0.1523 -> +0.1543).
     selection_ok = jnp.append(True, tr.expert_ok)
     selection_losses = fusion.gaussian_crps(tr.value, jnp.append(f.forecast, tr.prev_predictions),
                                             jnp.append(f.forecast_sigma, tr.prev_sigmas)) / tr.increment_scale
     selection_score = (1 - 1 / params["selection_memory"]) * f.selection_score + selection_losses
     selection_weights = _selection_weights(selection_score, params, selection_ok, force_d)
-    output_error = jnp.abs(tr.value - f.output_forecast)
-    z_output_sigma = _interval_z(params) * f.output_sigma
-    selection_missed = (output_error > z_output_sigma).astype(dtype)
-    log_selection_scale = _coverage_step(f.log_selection_scale, selection_missed, params["calibration_alpha"], params)
+    output_error = tr.value - f.output_forecast
+    log_selection_scale = _crps_scale_step(f.log_selection_scale, output_error / f.output_sigma,
+                                           params["calibration_alpha"])
     # The interval lower/upper has a faster tracker of its own on its width over z output_sigma: a sigma that
-    # meets the nominal coverage on heavy-tailed data is wider than the CRPS-optimal one, so the sigma's trackers
-    # stay slow (0.02 / 0.04 cost 0.002 / 0.005 of mean CRPS skill on the dev set) and the interval's carries coverage.
-    interval_missed = (output_error > z_output_sigma * jnp.exp(f.log_interval_width)).astype(dtype)
+    # meets the nominal coverage on heavy-tailed data is wider than the CRPS-optimal one, so the sigma stays on
+    # the slow trackers and the interval carries the coverage.
+    z_output_sigma = _interval_z(params) * f.output_sigma
+    interval_missed = (jnp.abs(output_error) > z_output_sigma * jnp.exp(f.log_interval_width)).astype(dtype)
     log_interval_width = _coverage_step(f.log_interval_width, interval_missed, params["interval_alpha"], params)
     output_forecast = jnp.sum(selection_weights * jnp.append(forecast, tr.predictions))
     output_sigma = jnp.exp(log_selection_scale + jnp.sum(

@@ -4,10 +4,12 @@ weighted average forecaster on discounted CRPS sums."""
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.special import softmax
 from scipy.stats import norm
 
 from usp_core import Predictor
+from usp_core.engine import fusion
 from usp_core.kernels import EXPERT_NAMES
 
 
@@ -65,3 +67,22 @@ def test_selection_settles_on_the_long_mean_for_white_noise(small_config):
     live = slice(p.min_history - 1, len(x) - 1)  # entry t forecasts x[t + 1]
     covered = (out.lower[live] <= x[p.min_history:]) & (x[p.min_history:] <= out.upper[live])
     assert 0.93 <= covered.mean() <= 0.97, covered.mean()
+
+
+def test_crps_log_sigma_gradient_known_answers():
+    """2 phi(z) - 1/sqrt(pi): the derivative of gaussian_crps in log sigma over sigma, zero in expectation under
+    N(0, 1) errors, and its zero for Student-t(3) errors is the sigma that minimises their mean CRPS."""
+    assert float(fusion.crps_log_sigma_gradient(0.0)) == pytest.approx(2 / np.sqrt(2 * np.pi) - 1 / np.sqrt(np.pi))
+    assert float(fusion.crps_log_sigma_gradient(40.0)) == pytest.approx(-1 / np.sqrt(np.pi))
+    y, sigma, h = 0.7, 1.3, 1e-6
+    numeric = (float(fusion.gaussian_crps(y, 0.0, sigma * np.exp(h))) - float(fusion.gaussian_crps(y, 0.0, sigma * np.exp(-h)))) / (2 * h)
+    assert numeric == pytest.approx(sigma * float(fusion.crps_log_sigma_gradient(y / sigma)), rel=1e-6)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    assert float(np.sum(weights * np.asarray(fusion.crps_log_sigma_gradient(nodes)))) / np.sqrt(2 * np.pi) == pytest.approx(0.0, abs=1e-12)
+
+    errors = np.random.default_rng(6).standard_t(3, size=20000)
+    grid = np.exp(np.linspace(-1.0, 1.0, 401))
+    mean_crps = [float(np.mean(fusion.gaussian_crps(errors, 0.0, s))) for s in grid]
+    zero = grid[np.argmin(np.abs([float(np.mean(fusion.crps_log_sigma_gradient(errors / s))) for s in grid]))]
+    assert zero == pytest.approx(grid[int(np.argmin(mean_crps))], rel=0.01)
+    assert zero < np.quantile(np.abs(errors), 0.95) / 1.96  # narrower than the 95 %-coverage sigma
