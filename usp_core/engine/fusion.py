@@ -119,4 +119,3 @@ def crps_log_sigma_gradient(z):
     (differentiate :func:`gaussian_crps`; the z-terms cancel). Zero in expectation at the CRPS-optimal sigma: the
     true one for Gaussian errors, narrower than the one that covers 95 % for heavy-tailed errors."""
     return 2.0 * jax.scipy.stats.norm.pdf(z) - 1.0 / jnp.sqrt(jnp.pi)
-

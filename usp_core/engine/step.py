@@ -496,8 +496,8 @@ def fusion_step(f: FusionState, tr: KernelTrack, static, params) -> tuple[Fusion
     # sums. The fusion's softmax over mean losses cannot resolve the 1-2 % CRPS differences that separate a
     # GARCH-like expert from the fused forecast on returns; sums over a long memory can, without a temperature
     # small enough to chase noise. Its sigma has a scale of its own (the experts' sigmas are raw), tracked on the
-    # CRPS gradient rather than on coverage: on random-walk levels the coverage-tracked sigma was a few % wider
-    # than the best expert's and lost it the CRPS (dev newest +0.1600 -> +0.1627, older +0.1523 -> +0.1543).
+    # CRPS gradient rather than on coverage: on heavy-tailed increments a coverage-tracked sigma settles wider than
+    # the CRPS-optimal one, which on random-walk levels lost the output the CRPS against the best expert.
     selection_ok = jnp.append(True, tr.expert_ok)
     selection_losses = fusion.gaussian_crps(tr.value, jnp.append(f.forecast, tr.prev_predictions),
                                             jnp.append(f.forecast_sigma, tr.prev_sigmas)) / tr.increment_scale
