@@ -35,8 +35,9 @@ def _value(text: str):
     return {"true": True, "false": False}.get(text, text)
 
 
-def stretch_panel(stretch: str, length: int, series: tuple[str, ...] | None) -> pd.DataFrame:
-    full, _ = load_dev_panel(series)
+def stretch_of(full: pd.DataFrame, stretch: str, length: int) -> pd.DataFrame:
+    """The newest ``length`` points of each series of a long panel, or (``older``) the ``length`` before them, or
+    the first half of a series shorter than twice that."""
     parts = []
     for _, g in full.groupby("series_id", sort=False):
         g = g.sort_values("ts")
@@ -45,6 +46,10 @@ def stretch_panel(stretch: str, length: int, series: tuple[str, ...] | None) -> 
         else:
             parts.append(g.iloc[-2 * length:-length] if len(g) >= 2 * length else g.iloc[: len(g) // 2])
     return pd.concat(parts, ignore_index=True)
+
+
+def stretch_panel(stretch: str, length: int, series: tuple[str, ...] | None) -> pd.DataFrame:
+    return stretch_of(load_dev_panel(series)[0], stretch, length)
 
 
 def evaluate(cfg: PredictorConfig, panel: pd.DataFrame) -> pd.DataFrame:
@@ -68,14 +73,16 @@ def evaluate(cfg: PredictorConfig, panel: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary(df: pd.DataFrame) -> str:
-    returns = df.series.isin(RETURN_SERIES)
-    return (f"mean skill {df.usp.mean():+.4f}, worst {df.usp.min():+.3f}, fused >= best kernel "
+def summary(df: pd.DataFrame, returns: pd.Series | None = None) -> str:
+    """One line against the SPEC §4.3 targets; ``returns`` marks the return series (default: the dev set's)."""
+    returns = df.series.isin(RETURN_SERIES) if returns is None else returns
+    worst = df.usp.idxmin()
+    return (f"mean skill {df.usp.mean():+.4f}, worst {df.usp[worst]:+.3f} ({df.series[worst]}), fused >= best kernel "
             f"{int((df.usp >= df.best_kernel).sum())}/{len(df)}, coverage in [0.93, 0.97] "
             f"{int(df.coverage.between(0.93, 0.97).sum())}/{len(df)}, interval score / naive's "
             f"{df.interval_score.mean():.4f}, returns >= GARCH "
             f"{int((df.usp[returns] >= df.garch[returns]).sum())}/{int(returns.sum())}, "
-            f"mean emergency {df.emergency.mean():.3f}")
+            f"mean emergency {df.emergency.mean():.3f} (max {df.emergency.max():.3f})")
 
 
 def stretch_arguments(description: str, default_stretch: str) -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dev_stretches import _value, evaluate  # noqa: E402
+from dev_stretches import _value, evaluate, stretch_of, summary  # noqa: E402
 
 from usp_core.config import PredictorConfig  # noqa: E402
 
@@ -62,16 +62,6 @@ def build(path: str) -> None:
     pd.concat(frames, ignore_index=True).to_csv(path, index=False)
 
 
-def stretch(panel: pd.DataFrame, length: int, older: bool) -> pd.DataFrame:
-    parts = []
-    for _, g in panel.groupby("series_id", sort=False):
-        if not older:
-            parts.append(g.iloc[-length:])
-        else:
-            parts.append(g.iloc[-2 * length:-length] if len(g) >= 2 * length else g.iloc[: len(g) // 2])
-    return pd.concat(parts, ignore_index=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv")
@@ -84,19 +74,12 @@ def main() -> None:
     if args.build:
         build(args.csv)
         return
-    panel = stretch(pd.read_csv(args.csv, parse_dates=["ts"]), args.length, args.older)
+    panel = stretch_of(pd.read_csv(args.csv, parse_dates=["ts"]), "older" if args.older else "newest", args.length)
     changes = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     df = evaluate(PredictorConfig.default().replace(changes), panel)
     if args.table:
         print(df.to_string(float_format=lambda x: f"{x:+.3f}"))
-    is_return = df.series.str.endswith(RETURN_SUFFIX)
-    worst = df.usp.idxmin()
-    print(f"{changes or 'defaults'}: mean skill {df.usp.mean():+.4f}, worst {df.usp[worst]:+.3f} ({df.series[worst]}), "
-          f"fused >= best kernel {int((df.usp >= df.best_kernel).sum())}/{len(df)}, coverage in [0.93, 0.97] "
-          f"{int(df.coverage.between(0.93, 0.97).sum())}/{len(df)}, returns >= GARCH "
-          f"{int((df.usp[is_return] >= df.garch[is_return]).sum())}/{int(is_return.sum())}, emergency mean "
-          f"{df.emergency.mean():.3f} max {df.emergency.max():.3f}")
-
+    print(f"{changes or 'defaults'}: {summary(df, df.series.str.endswith(RETURN_SUFFIX))}")
 
 if __name__ == "__main__":
     main()

@@ -140,7 +140,9 @@ class KernelTrack(NamedTuple):
     prev_predictions: Float[Array, " k"]  # expert forecasts of this observation
     prev_sigmas: Float[Array, " k"]
     prev_holder_exponent: Float[Array, ""]
-    analysis_full: Bool[Array, ""]  # the analysis buffer was full before this observation (arms the circuit breaker)
+    # the analysis buffer was full before this observation (arms the circuit breaker; the strided reading in force
+    # may date from up to wtmm_stride - 1 steps earlier, when the buffer held that many fewer values)
+    analysis_full: Bool[Array, ""]
     predictions: Float[Array, " k"]  # expert forecasts of the next observation
     sigmas: Float[Array, " k"]
     expert_ok: Bool[Array, " k"]
